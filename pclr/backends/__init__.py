@@ -1,0 +1,1 @@
+"""Backends of the pclr ops. Chosen by :mod:`pclr.dispatch`; never import one directly in user code."""

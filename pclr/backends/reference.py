@@ -1,0 +1,161 @@
+"""Pure-PyTorch reference backend: runs on any device and dtype; the definition of correct for every other backend.
+
+It gathers only the chosen rows (R = n_s + r per sample) and never forms a dense n-wide product. Tokens are
+regrouped into a padded [B, L, d] view so each sample's low-rank update is one batched matmul; half-precision
+inputs are upcast to fp32 for the arithmetic (the same accumulation precision the fused kernels use).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pclr.backends.custom_op import call_linear_op, make_lrp_linear_op
+from pclr.dispatch import GateInputs, LinearInputs
+
+NAME = "reference"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype: fp32 for half types, the input dtype otherwise (fp32/fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Packing:
+    """Maps packed tokens [T, ...] (any sample order) to a zero-padded [B, L, ...] view and back."""
+
+    def __init__(self, sample_of_token: Tensor, num_samples: int, padded_len: int):
+        self.B, self.T = num_samples, sample_of_token.shape[0]
+        if padded_len:  # already [B, L] contiguous: a view, no copy
+            self.L, self.slot = padded_len, None
+            return
+        sot = sample_of_token.long()
+        counts = torch.bincount(sot, minlength=num_samples)
+        self.L = int(counts.max()) if self.T else 0
+        order = torch.argsort(sot, stable=True)
+        starts = counts.cumsum(0) - counts
+        sorted_s = sot[order]
+        pos = torch.arange(self.T, device=sot.device) - starts[sorted_s]
+        self.slot = torch.empty_like(sot)
+        self.slot[order] = sorted_s * self.L + pos  # slot[t] = row of token t in the flattened [B*L] view
+
+    def pad(self, t: Tensor) -> Tensor:
+        if self.slot is None:
+            return t.reshape(self.B, self.L, t.shape[-1])
+        out = t.new_zeros(self.B * self.L, t.shape[-1])
+        out[self.slot] = t
+        return out.view(self.B, self.L, t.shape[-1])
+
+    def unpad(self, p: Tensor) -> Tensor:
+        flat = p.reshape(self.B * self.L, p.shape[-1])
+        return flat if self.slot is None else flat[self.slot]
+
+
+def effective_rows(A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor, A_s: Optional[Tensor],
+                   B_s: Optional[Tensor], beta_m: float, beta_s: float, dtype: torch.dtype):
+    """Per-sample active rows: A_eff [B, R, d_in], B_eff [B, R, d_out], scale [B, R] (shared rows first)."""
+    i = idx.long()
+    A_eff, B_eff = A_m[i].to(dtype), B_m[i].to(dtype)
+    scale = val.to(dtype) * beta_m
+    n_s = 0 if A_s is None else A_s.shape[0]
+    if n_s:
+        b = idx.shape[0]
+        A_eff = torch.cat([A_s.to(dtype).unsqueeze(0).expand(b, -1, -1), A_eff], 1)
+        B_eff = torch.cat([B_s.to(dtype).unsqueeze(0).expand(b, -1, -1), B_eff], 1)
+        scale = torch.cat([scale.new_full((b, n_s), beta_s), scale], 1)
+    return A_eff, B_eff, scale, n_s
+
+
+def _forward(x, weight, bias, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len, det):
+    cdt = compute_dtype(x.dtype)
+    pack = Packing(sot, idx.shape[0], padded_len)
+    xc = x.to(cdt)
+    y = F.linear(xc, weight.to(cdt), None if bias is None else bias.to(cdt))
+    A_eff, B_eff, scale, _ = effective_rows(A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s, cdt)
+    s = torch.bmm(pack.pad(xc), A_eff.transpose(1, 2)) * scale.unsqueeze(1)  # [B, L, R], the small intermediate
+    y = y + pack.unpad(torch.bmm(s, B_eff))
+    return y.to(x.dtype)
+
+
+def _backward(grad, x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len, det,
+              needs):
+    need_x, need_pool, need_val, need_shared = needs
+    cdt = compute_dtype(x.dtype)
+    pack = Packing(sot, idx.shape[0], padded_len)
+    A_eff, B_eff, scale, n_s = effective_rows(A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s, cdt)
+    g = grad.to(cdt)
+    gp, xp = pack.pad(g), pack.pad(x.to(cdt))
+    ds = torch.bmm(gp, B_eff.transpose(1, 2))  # dY · B_effᵀ, [B, L, R]
+    du = ds * scale.unsqueeze(1)
+    dx = dA_m = dB_m = dval = dA_s = dB_s = None
+    if need_x:
+        dx = (g @ weight.to(cdt) + pack.unpad(torch.bmm(du, A_eff))).to(x.dtype)
+    if need_pool or need_val or need_shared:
+        u = torch.bmm(xp, A_eff.transpose(1, 2))  # unscaled x · A_effᵀ, [B, L, R]
+    if need_pool or need_shared:
+        dA_eff = torch.bmm(du.transpose(1, 2), xp)  # [B, R, d_in]
+        dB_eff = torch.bmm((u * scale.unsqueeze(1)).transpose(1, 2), gp)  # [B, R, d_out]
+        if need_pool:
+            flat = idx.long().reshape(-1)
+            dA_rows = dA_eff[:, n_s:].reshape(flat.shape[0], -1)
+            dB_rows = dB_eff[:, n_s:].reshape(flat.shape[0], -1)
+            if trainable is not None:  # frozen rows: exactly zero
+                keep = trainable[flat].to(cdt).unsqueeze(1)
+                dA_rows, dB_rows = dA_rows * keep, dB_rows * keep
+            dA_m = torch.zeros(A_m.shape, dtype=cdt, device=A_m.device).index_add_(0, flat, dA_rows).to(A_m.dtype)
+            dB_m = torch.zeros(B_m.shape, dtype=cdt, device=B_m.device).index_add_(0, flat, dB_rows).to(B_m.dtype)
+        if need_shared and n_s:
+            dA_s = dA_eff[:, :n_s].sum(0).to(A_s.dtype)
+            dB_s = dB_eff[:, :n_s].sum(0).to(B_s.dtype)
+    if need_val:
+        dval = ((ds * u).sum(1)[:, n_s:] * beta_m).to(val.dtype)
+    return dx, dA_m, dB_m, dval, dA_s, dB_s
+
+
+lrp_linear_op = make_lrp_linear_op(NAME, _forward, _backward)
+
+
+def gate_scores(query: tuple[Tensor, ...], keys: tuple[Tensor, ...], weights: tuple[float, ...]) -> Tensor:
+    """score[b, j] = Σ_p w_p · cos(query_p[b], keys_p[j]); an all-zero query row contributes 0. fp32 (fp64 kept)."""
+    score = None
+    for q, k, w in zip(query, keys, weights):
+        dt = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+        s = w * (F.normalize(q.to(dt), dim=-1) @ F.normalize(k.to(dt), dim=-1).T)
+        score = s if score is None else score + s
+    return score
+
+
+def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
+    """Top-r gate (ties → lower index via a stable sort). Returns idx int32 [B, r], val fp32 [B, r]."""
+    score = gate_scores(inputs.query, inputs.keys, inputs.weights)  # [B, n]
+    rank = score
+    if inputs.candidates is not None:
+        rank = rank.masked_fill(~inputs.candidates, float("-inf"))
+    if inputs.scope == "batch":
+        rank = rank.sum(0, keepdim=True)
+    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : inputs.r]
+    idx = order.expand(score.shape[0], -1)
+    if inputs.mode == "soft":
+        val = score.gather(1, idx)
+        val = val if val.dtype == torch.float64 else val.float()
+    else:
+        val = torch.ones(idx.shape, dtype=torch.float32, device=score.device)
+    return idx.to(torch.int32).contiguous(), val
+
+
+class ReferenceBackend:
+    name = NAME
+
+    def not_supported_reasons(self, op: str, inputs) -> list[str]:
+        return []  # pure torch: every device, every floating dtype
+
+    def lrp_linear(self, inputs: LinearInputs) -> Tensor:
+        return call_linear_op(lrp_linear_op, inputs)
+
+    def lrp_gate(self, inputs: GateInputs) -> tuple[Tensor, Tensor]:
+        return gate(inputs)
+
+
+BACKEND = ReferenceBackend()

@@ -1,0 +1,192 @@
+"""The functional API: ``lrp_gate`` and ``lrp_linear``, the one entry point to every backend.
+
+Both validate their inputs, normalise them to the packed layout and hand them to :func:`pclr.dispatch.select`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from pclr import dispatch
+from pclr.dispatch import GateInputs, LinearInputs
+from pclr.validation import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, validation_enabled
+
+Parts = Union[Tensor, Sequence[Tensor]]
+
+
+def _as_parts(name: str, x: Parts) -> tuple[Tensor, ...]:
+    if isinstance(x, Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)) and len(x) > 0:
+        return tuple(x)
+    raise TypeError(f"{name} must be a tensor or a non-empty tuple of tensors, got {type(x).__name__}")
+
+
+def lrp_gate(
+    query: Parts,
+    keys: Parts,
+    r: int,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    candidates: Optional[Tensor] = None,
+    scope: str = "sample",
+    mode: str = "hard",
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """Choose the top-``r`` experts per sample by weighted multi-part cosine similarity.
+
+    Args:
+        query: [B, d_q] or a tuple of parts ([B, d_t], [B, d_v], ...). An all-zero row of a part (e.g. no image)
+            contributes 0 to that sample's score.
+        keys: [n, d_q] or the matching tuple of [n, d_p].
+        r: experts to choose (≤ number of candidates).
+        weights: per-part weights (default 1 each; PCLR uses (1.0, 0.25)). score = Σ_p w_p·cos(q_p, K_p).
+        candidates: bool [n] or [B, n]: experts that may be chosen (default all).
+        scope: "sample" ranks each sample's own score; "batch" ranks the batch-summed score (same experts for all).
+        mode: "hard" → val = 1; "soft" → val = the sample's score (differentiable w.r.t. query and keys).
+        backend: force "reference" | "triton" | "cuda" (default: dispatch, or env PCLR_BACKEND).
+
+    Returns:
+        idx: int32 [B, r], descending score, ties → lower index.
+        val: float32 [B, r].
+    """
+    q, k = _as_parts("query", query), _as_parts("keys", keys)
+    if len(q) != len(k):
+        raise ValueError(f"query has {len(q)} parts but keys has {len(k)}; they must match")
+    w = tuple(1.0 for _ in q) if weights is None else tuple(float(v) for v in weights)
+    if len(w) != len(q):
+        raise ValueError(f"weights has {len(w)} entries but query has {len(q)} parts")
+    device = k[0].device
+    B, n = q[0].shape[0] if q[0].dim() == 2 else -1, k[0].shape[0] if k[0].dim() == 2 else -1
+    for p, (qp, kp) in enumerate(zip(q, k)):
+        d = kp.shape[-1] if kp.dim() == 2 else None
+        check_tensor(f"keys[{p}]", kp, shape=(n, None), device=device, expected="[n, d_p]")
+        check_tensor(f"query[{p}]", qp, shape=(B, d), device=device, expected=f"[B, {d}] (d of keys[{p}])")
+    if scope not in ("sample", "batch"):
+        raise ValueError(f"scope must be 'sample' or 'batch', got {scope!r}")
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if r > n:
+        raise ValueError(f"r ({r}) exceeds the number of experts n ({n})")
+    if candidates is not None:
+        if candidates.dim() == 1:
+            check_tensor("candidates", candidates, shape=(n,), dtypes=(torch.bool,), device=device, expected="[n]")
+        else:
+            check_tensor("candidates", candidates, shape=(B, n), dtypes=(torch.bool,), device=device,
+                         expected="[n] or [B, n]")
+    if validation_enabled(device):
+        if candidates is not None:
+            fewest = int(candidates.sum(-1).min()) if B > 0 or candidates.dim() == 1 else n
+            if r > fewest:
+                raise ValueError(f"r ({r}) exceeds the number of candidates ({fewest}) in candidates")
+        for p, qp in enumerate(q):
+            if not bool(torch.isfinite(qp).all()):
+                raise ValueError(f"query[{p}] holds NaN or Inf: the gate would route arbitrarily")
+    inputs = GateInputs(query=q, keys=k, weights=w, r=r, candidates=candidates, scope=scope, mode=mode)
+    return dispatch.select("lrp_gate", inputs, backend).lrp_gate(inputs)
+
+
+def lrp_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    A_m: Tensor,
+    B_m: Tensor,
+    idx: Tensor,
+    val: Tensor,
+    *,
+    A_s: Optional[Tensor] = None,
+    B_s: Optional[Tensor] = None,
+    beta_m: float = 1.0,
+    beta_s: float = 1.0,
+    sample_of_token: Optional[Tensor] = None,
+    trainable: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """Frozen linear plus the gated LoRA rank pool, per sample.
+
+    y = x·Wᵀ + b + beta_s·(x·A_sᵀ)·B_s + beta_m·Σ_k val[b,k]·(x·A_m[idx[b,k]]ᵀ)·B_m[idx[b,k]]
+
+    Args:
+        x: [B, L, d_in] (padded batch) or [T, d_in] (packed tokens, then ``sample_of_token`` is required).
+        weight: [d_out, d_in], frozen. bias: [d_out] or None, frozen.
+        A_m: [n, d_in], B_m: [n, d_out]: the pool, rank-major (row j = expert j).
+        idx: int32/int64 [B, r] chosen experts per sample; val: float [B, r] gate values.
+        A_s: [n_s, d_in], B_s: [n_s, d_out]: shared ranks (both or neither).
+        sample_of_token: int [T], sample of each packed token (any order, varlen).
+        trainable: bool [n]; rows outside it get exactly zero gradient.
+        backend: force "reference" | "triton" | "cuda".
+        deterministic: fused backends reduce pool gradients without atomics (bit-reproducible).
+
+    Returns:
+        y with the shape of x but last dim d_out, dtype of x.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    device, dtype = x.device, x.dtype
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [B, L, d_in] or packed [T, d_in], got shape {tuple(x.shape)}")
+    d_in = x.shape[-1]
+    check_tensor("weight", weight, shape=(None, d_in), dtypes=(dtype,), device=device, expected=f"[d_out, {d_in}]")
+    d_out = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, shape=(d_out,), dtypes=(dtype,), device=device, expected=f"[{d_out}]")
+    check_tensor("A_m", A_m, shape=(None, d_in), dtypes=(dtype,), device=device, expected=f"[n, {d_in}]")
+    n = A_m.shape[0]
+    check_tensor("B_m", B_m, shape=(n, d_out), dtypes=(dtype,), device=device, expected=f"[{n}, {d_out}] (n of A_m)")
+    check_tensor("idx", idx, ndim=2, dtypes=INDEX_DTYPES, device=device, expected="[B, r]")
+    num_samples, r = idx.shape
+    check_tensor("val", val, shape=(num_samples, r), dtypes=FLOAT_DTYPES, device=device,
+                 expected=f"[{num_samples}, {r}] (shape of idx)")
+    if (A_s is None) != (B_s is None):
+        raise ValueError("A_s and B_s must be given together (shared ranks) or both be None")
+    if A_s is not None:
+        check_tensor("A_s", A_s, shape=(None, d_in), dtypes=(dtype,), device=device, expected=f"[n_s, {d_in}]")
+        check_tensor("B_s", B_s, shape=(A_s.shape[0], d_out), dtypes=(dtype,), device=device,
+                     expected=f"[{A_s.shape[0]}, {d_out}] (n_s of A_s)")
+        if A_s.shape[0] == 0:
+            A_s = B_s = None
+    if trainable is not None:
+        check_tensor("trainable", trainable, shape=(n,), dtypes=(torch.bool,), device=device, expected=f"[{n}]")
+    if r > 0 and n == 0:
+        raise ValueError(f"idx selects r={r} experts per sample but the pool A_m is empty")
+
+    padded_len = 0
+    if x.dim() == 3:
+        if sample_of_token is not None:
+            raise ValueError("sample_of_token is only for packed x [T, d_in]; x is [B, L, d_in]")
+        if x.shape[0] != num_samples:
+            raise ValueError(f"x has batch {x.shape[0]} but idx has {num_samples} rows; idx must be [B, r]")
+        L = x.shape[1]
+        padded_len = L
+        x2 = x.reshape(num_samples * L, d_in)
+        sot = torch.arange(num_samples, device=device, dtype=torch.int32).repeat_interleave(L)
+        if L == 0:
+            padded_len = 0
+    else:
+        if sample_of_token is None:
+            raise ValueError("packed x [T, d_in] needs sample_of_token (int [T]: the sample of each token)")
+        check_tensor("sample_of_token", sample_of_token, shape=(x.shape[0],), dtypes=INDEX_DTYPES, device=device,
+                     expected=f"[{x.shape[0]}] (T of x)")
+        x2, sot = x, sample_of_token.to(torch.int32)
+    x2 = x2.contiguous()
+
+    if validation_enabled(device):
+        if r > 0 and num_samples > 0 and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"idx holds values outside [0, n={n}): min {int(idx.min())}, max {int(idx.max())}")
+        if sot.numel() and (int(sot.min()) < 0 or int(sot.max()) >= num_samples):
+            raise ValueError(f"sample_of_token holds values outside [0, B={num_samples}) where B = idx.shape[0]")
+
+    inputs = LinearInputs(
+        x=x2, weight=weight.contiguous(), bias=bias, A_m=A_m.contiguous(), B_m=B_m.contiguous(),
+        idx=idx.to(torch.int32).contiguous(), val=val if val.dtype == torch.float64 else val.float().contiguous(),
+        A_s=None if A_s is None else A_s.contiguous(), B_s=None if B_s is None else B_s.contiguous(),
+        beta_m=float(beta_m), beta_s=float(beta_s), sample_of_token=sot, trainable=trainable,
+        padded_len=padded_len, deterministic=deterministic,
+    )
+    y = dispatch.select("lrp_linear", inputs, backend).lrp_linear(inputs)
+    return y.reshape(*x.shape[:-1], d_out)

@@ -137,6 +137,10 @@ def select(op: str, inputs: Any, backend: Optional[str] = None) -> Backend:
             )
         return get_backend(name)
     for cand in _PRIORITY:
+        # Fused backends are picked automatically only for CUDA tensors: on CPU they could only run through the
+        # Triton interpreter (a debugging tool, orders of magnitude slower than the reference).
+        if cand != "reference" and inputs.device.type != "cuda":
+            continue
         if not reasons(cand, op, inputs):
             return get_backend(cand)
     raise BackendUnavailableError(f"no pclr backend can run {op}")  # unreachable: the reference runs everywhere

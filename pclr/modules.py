@@ -251,6 +251,7 @@ class FusedLRPLinear(nn.Module):
         self.A_s = nn.Parameter(w.new_zeros(0, self.in_features), requires_grad=False)
         self.B_s = nn.Parameter(w.new_zeros(0, self.out_features), requires_grad=False)
         self.register_buffer("trainable", torch.zeros(0, dtype=torch.bool, device=w.device))
+        self._has_frozen = False
         self.merged_route: Optional[tuple[Tensor, Tensor]] = None
         self.own_key_pool: Optional[KeyPool] = None
         if key_pool is None and query_dims is not None:
@@ -348,6 +349,7 @@ class FusedLRPLinear(nn.Module):
         self.A_m = nn.Parameter(torch.cat([self.A_m.data, A]))
         self.B_m = nn.Parameter(torch.cat([self.B_m.data, B]))
         self.trainable = torch.cat([self.trainable, torch.ones(n_new, dtype=torch.bool, device=self.A_m.device)])
+        self._sync_requires_grad()
 
     @torch.no_grad()
     def _freeze_rows(self, mask: Tensor) -> None:
@@ -370,6 +372,8 @@ class FusedLRPLinear(nn.Module):
         has = bool(self.trainable.any())
         self.A_m.requires_grad_(has)
         self.B_m.requires_grad_(has)
+        # a Python flag, not a tensor test in forward: keeps torch.compile free of data-dependent branches
+        self._has_frozen = not bool(self.trainable.all())
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, *, route: Optional[tuple[Tensor, Tensor]] = None,
@@ -391,7 +395,7 @@ class FusedLRPLinear(nn.Module):
             xin, self.base_layer.weight, self.base_layer.bias, self.A_m, self.B_m, idx, val,
             A_s=self.A_s if has_shared else None, B_s=self.B_s if has_shared else None,
             beta_m=self.beta_m, beta_s=self.beta_s, sample_of_token=sample_of_token,
-            trainable=None if bool(self.trainable.all()) else self.trainable,
+            trainable=self.trainable if self._has_frozen else None,
             backend=self.config.backend, deterministic=self.config.deterministic,
         )
         return y.squeeze(1) if squeeze else y

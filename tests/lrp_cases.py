@@ -43,7 +43,7 @@ def make_case(B=3, L=5, d_in=16, d_out=12, n=10, r=4, n_s=2, *, packed=False, le
         return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
 
     if lens is not None:
-        packed = True
+        packed, B = True, len(lens)
     if packed:
         lens = lens if lens is not None else [L] * B
         sot = torch.cat([torch.full((c,), b, dtype=torch.int32) for b, c in enumerate(lens)]) if sum(lens) else \

@@ -12,7 +12,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pclr.config import LRPConfig
-from pclr.dispatch import BackendUnavailableError, available_backends as backends
+from pclr import backends
+from pclr.dispatch import BackendUnavailableError
 from pclr.functional import lrp_gate, lrp_linear
 from pclr.modules import FusedLRPLinear, KeyPool
 from pclr.routing import routing

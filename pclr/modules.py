@@ -402,12 +402,13 @@ class FusedLRPLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- merge
     def _delta(self, idx: Tensor, val: Tensor) -> Tensor:
-        """ΔW [d_out, d_in] of a fixed route: beta_m·Σ_k val_k·B_m[idx_k]ᵀA_m[idx_k] + beta_s·B_sᵀA_s (fp32)."""
+        """ΔW [d_out, d_in] of a fixed route: beta_m·Σ_k val_k·B_m[idx_k]ᵀA_m[idx_k] + beta_s·B_sᵀA_s (≥ fp32)."""
         i = idx.long().reshape(-1)
-        A, B = self.A_m[i].float(), self.B_m[i].float()
-        delta = self.beta_m * (B.T * val.reshape(-1).float()) @ A
+        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        A, B = self.A_m[i].to(dt), self.B_m[i].to(dt)
+        delta = self.beta_m * (B.T * val.reshape(-1).to(dt)) @ A
         if self.n_shared:
-            delta = delta + self.beta_s * self.B_s.float().T @ self.A_s.float()
+            delta = delta + self.beta_s * self.B_s.to(dt).T @ self.A_s.to(dt)
         return delta
 
     @torch.no_grad()
@@ -418,7 +419,8 @@ class FusedLRPLinear(nn.Module):
             raise RuntimeError("already merged: call unmerge() first")
         idx, val = route[0].reshape(-1), route[1].reshape(-1)
         w = self.base_layer.weight
-        w.copy_((w.float() + self._delta(idx, val)).to(w.dtype))
+        delta = self._delta(idx, val)
+        w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
         self.merged_route = (idx.clone(), val.clone())
 
     @torch.no_grad()
@@ -426,7 +428,8 @@ class FusedLRPLinear(nn.Module):
         if self.merged_route is None:
             raise RuntimeError("not merged")
         w = self.base_layer.weight
-        w.copy_((w.float() - self._delta(*self.merged_route)).to(w.dtype))
+        delta = self._delta(*self.merged_route)
+        w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
         self.merged_route = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

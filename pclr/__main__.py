@@ -1,0 +1,3 @@
+from pclr.cli import main
+import sys
+sys.exit(main())

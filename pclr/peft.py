@@ -1,0 +1,215 @@
+"""PEFT route: ``get_peft_model(model, PCLRConfig(...))``, ``save_pretrained`` / ``PeftModel.from_pretrained``.
+
+    import pclr.peft                                   # registers peft_type "PCLR" in PEFT's mapping dictionaries
+    from pclr.peft import PCLRConfig
+    model = get_peft_model(base, PCLRConfig(r=8, budget=32, n_init=8))
+    out = model(input_ids=..., pixel_values=...)       # routes itself (query from the prompt, vision hook)
+    ids = model.generate(input_ids=..., max_new_tokens=8)
+    model.save_pretrained("adapter/")                 # adapter_config.json + adapter_model.safetensors
+    model = PeftModel.from_pretrained(fresh_base, "adapter/")   # pools resize to the saved sizes
+
+PEFT knows its methods through the ``PeftType`` enum, which has no member for third-party tuners; registering adds
+the member ``PeftType.PCLR`` to the enum (the only way ``peft.utils.register_peft_method`` accepts a name) and then
+fills ``PEFT_TYPE_TO_CONFIG_MAPPING`` / ``PEFT_TYPE_TO_TUNER_MAPPING`` / ``PEFT_TYPE_TO_PREFIX_MAPPING`` through it.
+The LRP layers are not ``BaseTunerLayer`` subclasses (their pools are shared per decoder layer), so the tuner selects
+and remaps its state-dict entries itself. One adapter per model: PEFT's multi-adapter switching does not apply to a
+pool whose size changes over tasks.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from pclr.config import DEFAULT_TARGET_MODULES, LRPConfig
+from pclr.inject import POOL_ATTR, inject_lrp, is_lrp_key, lrp_layers, lrp_pools
+
+from peft.config import PeftConfig  # noqa: E402  (peft is an optional dependency: import errors surface here)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer  # noqa: E402
+from peft.utils import PeftType  # noqa: E402
+
+PEFT_TYPE = "PCLR"
+PREFIX = "lrp_"
+
+
+def _add_peft_type(name: str = PEFT_TYPE) -> PeftType:
+    """Add ``name`` as a member of ``PeftType`` (a ``str`` Enum) if it is not one yet."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+_add_peft_type()
+
+
+@dataclass
+class PCLRConfig(PeftConfig):
+    """PEFT configuration of a PCLR LoRA rank pool (fields mirror :class:`pclr.LRPConfig`).
+
+    n_init: experts created per pool at injection (the trainer grows/compresses pools itself; a plain PEFT user
+    trains these). projector: also wrap the multimodal projector. query_dims: per-part query sizes (default from the
+    model: (d_text, d_vision) or (d_text,)).
+    """
+
+    r: int = field(default=64, metadata={"help": "Experts chosen per sample."})
+    alpha: float = field(default=128.0, metadata={"help": "beta_m = alpha / r, beta_s = alpha / n_shared."})
+    n_shared: int = field(default=32, metadata={"help": "Shared ranks (created by the trainer at compression)."})
+    budget: int = field(default=256, metadata={"help": "Maximum experts per pool."})
+    n_init: int = field(default=64, metadata={"help": "Experts created per pool at injection."})
+    query_weights: list = field(default_factory=lambda: [1.0, 0.25], metadata={"help": "Per-part score weights."})
+    gate_scope: str = field(default="sample", metadata={"help": "'sample' or 'batch'."})
+    gate_mode: str = field(default="hard", metadata={"help": "'hard' or 'soft'."})
+    init_std: Optional[float] = field(default=None, metadata={"help": "Std of new A rows (None: 1/sqrt(d_in))."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Suffix list or regex (default q/k/v/o/gate/up/down of every decoder layer)."})
+    projector: bool = field(default=True, metadata={"help": "Wrap the multimodal projector too (own key pool)."})
+    query_dims: Optional[list] = field(default=None, metadata={"help": "Query part sizes (default from the model)."})
+    backend: Optional[str] = field(default=None, metadata={"help": "Force a backend."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PCLR
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = list(self.target_modules)
+        self.to_lrp_config()  # validate now, before any model is touched
+
+    def to_lrp_config(self) -> LRPConfig:
+        return LRPConfig(r=self.r, alpha=self.alpha, n_shared=self.n_shared, budget=self.budget,
+                         query_weights=tuple(self.query_weights), gate_scope=self.gate_scope, gate_mode=self.gate_mode,
+                         init_std=self.init_std, backend=self.backend,
+                         target_modules=self.target_modules or DEFAULT_TARGET_MODULES)
+
+
+class PCLRModel(BaseTuner):
+    """PEFT tuner wrapping :func:`pclr.inject_lrp`; its forward/generate route by the prompt's query."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = BaseTunerLayer  # LRP layers are not BaseTunerLayers; selection is structural (is_lrp_key)
+    target_module_mapping: dict = {}
+    uses_shared_state = True
+
+    def _prepare_adapter_config(self, peft_config: PCLRConfig, model_config: dict) -> PCLRConfig:
+        return peft_config
+
+    def _create_and_replace(self, *args, **kwargs) -> None:  # pragma: no cover - inject_adapter does all the work
+        raise NotImplementedError("PCLR injects through pclr.inject_lrp")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+        from pclr.query import QueryExtractor
+
+        if any(isinstance(m, type(p)) for p in lrp_pools(model).values() for m in [p]):
+            raise ValueError("the model already holds LRP layers; PCLR supports one adapter per model")
+        cfg: PCLRConfig = self.peft_config[adapter_name]
+        inject_lrp(model, cfg.to_lrp_config(), cfg.query_dims, projector=cfg.projector)
+        for pool in lrp_pools(model).values():
+            pool.grow(cfg.n_init, task=0)
+        self.targeted_module_names = list(lrp_layers(model))
+        self._query = QueryExtractor(model)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if not is_lrp_key(n):
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ routing
+    def _route(self, kwargs: dict[str, Any]):
+        from contextlib import nullcontext
+
+        from pclr.routing import current_routing
+
+        if current_routing() is not None:
+            return nullcontext()
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("PCLR needs input_ids to build the routing query")
+        return self._query.route(input_ids, kwargs.get("attention_mask"), kwargs.pop("instruction_mask", None),
+                                 kwargs.pop("has_image", None))
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """PeftModel enters this around its forward/generate: open the routing context of the batch."""
+        with self._route(dict(kwargs)):
+            yield
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with self._route(kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        with self._route(kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ enable / disable
+    def _set_adapter_layers(self, enabled: bool = True) -> None:
+        # A layer with merged_route set runs as its plain base Linear; an empty route marks "disabled".
+        for layer in lrp_layers(self.model).values():
+            if enabled and layer.merged_route is not None and len(layer.merged_route) == 0:
+                layer.merged_route = None
+            elif not enabled and layer.merged_route is None:
+                layer.merged_route = ()
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(False)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found")
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        raise NotImplementedError("PCLR holds one adapter per model")
+
+    def merge_and_unload(self, *args, **kwargs):
+        raise NotImplementedError("a routed pool has no single merge; use FusedLRPLinear.merge(route) per task")
+
+    # ------------------------------------------------------------------------------------------ state dict
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        return {k: v for k, v in state_dict.items() if is_lrp_key(k)}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return key  # LRP keys carry no adapter name
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        own = {k for k in model.state_dict() if is_lrp_key(k)}
+        prefix = "base_model.model."
+        out = {}
+        for k, v in state_dict.items():
+            if k not in own and k.startswith(prefix) and k[len(prefix):] in own:
+                k = k[len(prefix):]
+            elif k not in own and prefix + k in own:
+                k = prefix + k
+            out[k] = v
+        return out
+
+
+def register() -> None:
+    """Register PCLR with PEFT (idempotent; done on import of this module)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    if PeftType.PCLR in PEFT_TYPE_TO_CONFIG_MAPPING and PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType.PCLR) is PCLRModel:
+        return
+    register_peft_method(name="pclr", config_cls=PCLRConfig, model_cls=PCLRModel, prefix=PREFIX)
+
+
+register()
+
+__all__ = ["PCLRConfig", "PCLRModel", "register", "POOL_ATTR"]

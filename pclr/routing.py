@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -19,11 +19,25 @@ _local = threading.local()
 
 
 class RoutingState:
-    """The query of the current forward and the gate results computed from it (one per key pool)."""
+    """The query of the current forward and the gate results computed from it (one per key pool).
 
-    def __init__(self, query: tuple[Tensor, ...]):
-        self.query = query
+    ``query`` may be given lazily as a callable returning the parts: it is resolved (once) when the first key pool
+    gates, which lets a hook complete it mid-forward (the vision CLS is known only after the vision tower ran).
+    """
+
+    def __init__(self, query: Union[tuple[Tensor, ...], Callable[[], Sequence[Tensor]]]):
+        self._query = query
         self.cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def query(self) -> tuple[Tensor, ...]:
+        if callable(self._query):
+            self._query = tuple(p.detach() for p in _check_parts(self._query()))
+        return self._query
+
+    @query.setter
+    def query(self, value) -> None:
+        self._query = value
 
     @property
     def batch_size(self) -> int:
@@ -36,15 +50,23 @@ def _stack() -> list:
     return _local.stack
 
 
-@contextmanager
-def routing(query: Union[Tensor, Sequence[Tensor]]) -> Iterator[RoutingState]:
-    """Route every key pool used inside the block by ``query``: [B, d_q] or a tuple of parts [B, d_p]."""
+def _check_parts(query) -> tuple[Tensor, ...]:
     parts = (query,) if isinstance(query, Tensor) else tuple(query)
     if not parts or not all(isinstance(p, Tensor) and p.dim() == 2 for p in parts):
         raise TypeError("routing(query): query must be a [B, d_q] tensor or a tuple of [B, d_p] tensors")
     if any(p.shape[0] != parts[0].shape[0] for p in parts):
         raise ValueError(f"routing(query): all parts need the same batch size, got {[p.shape[0] for p in parts]}")
-    state = RoutingState(tuple(p.detach() for p in parts))  # the query comes from frozen features
+    return parts
+
+
+@contextmanager
+def routing(query: Union[Tensor, Sequence[Tensor], Callable[[], Sequence[Tensor]]]) -> Iterator[RoutingState]:
+    """Route every key pool used inside the block by ``query``: [B, d_q] or a tuple of parts [B, d_p], or a
+    callable returning them, resolved when the first key pool gates."""
+    if callable(query) and not isinstance(query, Tensor):
+        state = RoutingState(query)
+    else:
+        state = RoutingState(tuple(p.detach() for p in _check_parts(query)))  # the query comes from frozen features
     _stack().append(state)
     try:
         yield state

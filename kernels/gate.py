@@ -1,0 +1,130 @@
+"""Triton kernels of the PCLR gate: weighted multi-part cosine scores, then the top-r experts per sample.
+
+Two launches whose grids depend only on shapes (CUDA-graph safe, no host round trip):
+
+* :func:`gate_scores_kernel` — score[b, j] (+)= w1·cos(q1[b], k1[j]) + w2·cos(q2[b], k2[j]), a small tiled GEMM over
+  (B, n) that also accumulates the row norms of the tiles it reads, so nothing is normalised in a separate pass.
+  Queries with more than two parts chain launches with ``ACCUMULATE``.
+* :func:`gate_topr_kernel` — one program per sample (or a single program for the batch scope, which first sums the
+  masked scores over the batch) selects the top-r by r rounds of (max, lowest index holding it); ties therefore go to
+  the lower index exactly as the reference's stable sort.
+"""
+import triton
+import triton.language as tl
+
+# F.normalize's eps: a zero query part (e.g. a sample with no image) gets cosine 0, never NaN.
+NORM_EPS = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _part_cos(
+    Q, Kp, d, stride_q, stride_k, offs_b, mask_b, offs_n, mask_n,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """cos(q[offs_b], k[offs_n]) for one query part: [BLOCK_B, BLOCK_N] fp32."""
+    dot = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    qsq = tl.zeros([BLOCK_B], dtype=tl.float32)
+    ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d
+        # fp32 ieee dot: the gate ranks near-equal scores, tf32 would reorder them against the reference
+        q = tl.load(Q + offs_b[:, None] * stride_q + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :],
+                    other=0.0).to(tl.float32)
+        k = tl.load(Kp + offs_n[None, :] * stride_k + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
+                    other=0.0).to(tl.float32)
+        dot = tl.dot(q, k, acc=dot, input_precision="ieee")
+        qsq += tl.sum(q * q, axis=1)
+        ksq += tl.sum(k * k, axis=0)
+    qn = tl.maximum(tl.sqrt(qsq), NORM_EPS)
+    kn = tl.maximum(tl.sqrt(ksq), NORM_EPS)
+    return dot / qn[:, None] / kn[None, :]
+
+
+@triton.jit
+def gate_scores_kernel(
+    S, Q1, K1, Q2, K2,
+    B, n, d1, d2,
+    stride_s, stride_q1, stride_k1, stride_q2, stride_k2,
+    w1, w2,
+    TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """S [B, n] fp32 (+)= w1·cos(Q1 [B, d1], K1 [n, d1]) (+ w2·cos(Q2 [B, d2], K2 [n, d2])).
+
+    Grid: (cdiv(n, BLOCK_N), cdiv(B, BLOCK_B)); keys are read once per block of samples.
+    """
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_b = offs_b < B
+    mask_n = offs_n < n
+    score = w1 * _part_cos(Q1, K1, d1, stride_q1, stride_k1, offs_b, mask_b, offs_n, mask_n,
+                           BLOCK_B, BLOCK_N, BLOCK_D)
+    if TWO_PARTS:
+        score += w2 * _part_cos(Q2, K2, d2, stride_q2, stride_k2, offs_b, mask_b, offs_n, mask_n,
+                                BLOCK_B, BLOCK_N, BLOCK_D)
+    ptrs = S + offs_b[:, None] * stride_s + offs_n[None, :]
+    mask = mask_b[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        score += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, score, mask=mask)
+
+
+@triton.jit
+def gate_topr_kernel(
+    S, CAND, IDX, VAL,
+    B, n, r,
+    stride_s, stride_cand, stride_out,
+    HAS_CAND: tl.constexpr, BATCH: tl.constexpr, SOFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Top-r of the (candidate-masked) scores S [B, n] → IDX int32 [B, r], VAL fp32 [B, r].
+
+    Grid: (B,) for the sample scope; (1,) for the batch scope, whose single program ranks the batch-summed masked
+    scores and writes the same experts for every sample. CAND is int8 [B or 1, n] (stride_cand = 0 for a shared
+    [n] mask). VAL = the sample's own unmasked score (SOFT) or 1.
+    """
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    in_range = offs < n
+    if BATCH:
+        rank = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for b in range(0, B):
+            s = tl.load(S + b * stride_s + offs, mask=in_range, other=0.0)
+            if HAS_CAND:
+                c = tl.load(CAND + b * stride_cand + offs, mask=in_range, other=0)
+                s = tl.where(c != 0, s, float("-inf"))
+            rank += s
+    else:
+        rank = tl.load(S + pid * stride_s + offs, mask=in_range, other=0.0)
+        if HAS_CAND:
+            c = tl.load(CAND + pid * stride_cand + offs, mask=in_range, other=0)
+            rank = tl.where(c != 0, rank, float("-inf"))
+    offs_r = tl.arange(0, BLOCK_R)
+    chosen = tl.zeros([BLOCK_R], dtype=tl.int32)
+    avail = in_range
+    for i in range(0, r):
+        # a non-candidate (-inf) can still be picked once the candidates run out, lowest index first, as the
+        # stable sort does; `avail` (not the score) marks what is already taken so -inf entries stay distinct
+        best = tl.max(tl.where(avail, rank, float("-inf")), axis=0)
+        j = tl.min(tl.where(avail & (rank == best), offs, BLOCK_N), axis=0)
+        chosen = tl.where(offs_r == i, j, chosen)
+        avail = avail & (offs != j)
+    mask_r = offs_r < r
+    if BATCH:
+        for b in range(0, B):
+            tl.store(IDX + b * stride_out + offs_r, chosen, mask=mask_r)
+            if SOFT:
+                v = tl.load(S + b * stride_s + chosen, mask=mask_r, other=0.0)
+            else:
+                v = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+            tl.store(VAL + b * stride_out + offs_r, v, mask=mask_r)
+    else:
+        tl.store(IDX + pid * stride_out + offs_r, chosen, mask=mask_r)
+        if SOFT:
+            v = tl.load(S + pid * stride_s + chosen, mask=mask_r, other=0.0)
+        else:
+            v = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+        tl.store(VAL + pid * stride_out + offs_r, v, mask=mask_r)

@@ -1,0 +1,175 @@
+"""Triton kernels of the fused LRP forward (gathered rank rows, per-sample token tiles).
+
+Notation (per sample s, R = n_s + r active ranks, shared rows first)::
+
+    Down_eff[s] = [Down_s; Down_m[idx[s]]]  [R, K]      Up_eff[s] = [Up_s; Up_m[idx[s]]]  [R, N]
+    scale[s]    = [beta_s]*n_s ++ val[s]*beta_m  [R]
+    out[t]      = X[t]·Wᵀ + bias + (scale ⊙ X[t]·Down_effᵀ)·Up_eff          (t a token of sample s)
+
+The forward is X = x, W = weight, Down = A, Up = B. The dX pass of the backward has exactly the same shape with
+X = dY, W = weightᵀ (strides swapped), Down = B, Up = A, so :func:`lrp_expand_kernel` serves both.
+
+Rows are gathered from base pointers + row indices (never arrays of pointers); the shared and the pool rows come
+from two masked loads added together, so one [R, ·] tile feeds one ``tl.dot``. Each program owns a tile of tokens of
+ONE sample (the launcher sorts tokens by sample, like punica's token→adapter mapping), so the R gathered rows are
+the same for every token of the tile and the low-rank product is a dense GEMM on tensor cores.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_is_empty(pid_m, TILE_START, TILE_END, DECODE: tl.constexpr):
+    """Unused tile slots (the tile map is sized by shapes, not by data) have start == end."""
+    if DECODE:
+        return False
+    else:
+        return tl.load(TILE_START + pid_m) >= tl.load(TILE_END + pid_m)
+
+
+@triton.jit
+def tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
+                SORTED: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The sample of this program's tile, its sorted positions, token rows (int64) and row mask.
+
+    DECODE (T ≤ BLOCK_M, one launch, no tile map): program ``pid_m`` is sample ``pid_m`` and keeps the tokens whose
+    ``SOT`` entry matches; otherwise the tile map (tile → sample, [start, end) in sorted order) says which tokens.
+    """
+    offs = tl.arange(0, BLOCK_M)
+    if DECODE:
+        s = pid_m
+        pos = offs
+        mask = tl.load(SOT + offs, mask=offs < T, other=-1) == s
+        tok = offs.to(tl.int64)
+    else:
+        s = tl.load(TILE_SAMPLE + pid_m)
+        pos = tl.load(TILE_START + pid_m) + offs
+        mask = pos < tl.load(TILE_END + pid_m)
+        if SORTED:
+            tok = tl.load(TOK + pos, mask=mask, other=0).to(tl.int64)
+        else:
+            tok = pos.to(tl.int64)
+    return s, pos, tok, mask
+
+
+@triton.jit
+def rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R: tl.constexpr):
+    """Sample s's active ranks: lane k < n_s is shared row k, lane n_s + i is pool row idx[s, i].
+
+    Returns offs_r [BLOCK_R], is_shared, is_pool (masks), pool row (int64, 0 where unused), scale (fp32, 0 where
+    unused: lanes past R contribute nothing).
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    is_s = offs_r < n_s
+    is_m = (offs_r >= n_s) & (offs_r < n_s + r)
+    i = offs_r - n_s
+    row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
+    v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(tl.float32)
+    scale = tl.where(is_s, beta_s, v * beta_m)
+    return offs_r, is_s, is_m, row, scale
+
+
+@triton.jit
+def load_ranks_t(RS, RM, offs_r, row, is_s, is_m, stride, offs_c, mask_c):
+    """Gathered rank rows, transposed: [len(offs_c), BLOCK_R] = (Rows_eff[:, offs_c])ᵀ."""
+    a = tl.load(RS + offs_r[None, :] * stride + offs_c[:, None], mask=is_s[None, :] & mask_c[:, None], other=0.0)
+    b = tl.load(RM + row[None, :] * stride + offs_c[:, None], mask=is_m[None, :] & mask_c[:, None], other=0.0)
+    return a + b
+
+
+@triton.jit
+def load_ranks(RS, RM, offs_r, row, is_s, is_m, stride, offs_c, mask_c):
+    """Gathered rank rows: [BLOCK_R, len(offs_c)] = Rows_eff[:, offs_c]."""
+    a = tl.load(RS + offs_r[:, None] * stride + offs_c[None, :], mask=is_s[:, None] & mask_c[None, :], other=0.0)
+    b = tl.load(RM + row[:, None] * stride + offs_c[None, :], mask=is_m[:, None] & mask_c[None, :], other=0.0)
+    return a + b
+
+
+@triton.jit
+def lrp_expand_kernel(
+    X, W, BIAS, OUT, DS, DM, US, UM, IDX, VAL, SBUF,
+    TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT,
+    T, K, N, n_s, r,
+    stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_idx, stride_sbuf,
+    beta_m, beta_s,
+    key_t, key_k, key_n,  # autotune keys: shape buckets only
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, S_FROM_BUF: tl.constexpr,
+    K_LOOP: tl.constexpr, SORTED: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT[t, n-tile] (+)= X[t]·Wᵀ + bias + (scale ⊙ S)·Up_eff for one tile of tokens of one sample.
+
+    X [T, K]; W viewed [N, K] through (stride_wn, stride_wk); OUT [T, N]; DS [n_s, K], DM [n, K]; US [n_s, N],
+    UM [n, N]; IDX int32 [B, r], VAL fp32 [B, r]; SBUF fp32 [T, BLOCK_R] (unscaled S in sorted order) when
+    S_FROM_BUF, else S = X·Down_effᵀ is computed in the same K loop as the base product (each X tile read once).
+    Grid: (tiles, cdiv(N, BLOCK_N)); DECODE: (B, cdiv(N, BLOCK_N)).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if tile_is_empty(pid_m, TILE_START, TILE_END, DECODE):
+        return
+    s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
+                                      SORTED, DECODE, BLOCK_M)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    if K_LOOP:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            if HAS_BASE:
+                w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                            mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+                acc = tl.dot(x, w, acc=acc, input_precision="ieee")
+            if not S_FROM_BUF:
+                d = load_ranks_t(DS, DM, offs_r, row, is_s, is_m, stride_d, offs_k, mask_k)
+                sa = tl.dot(x, d, acc=sa, input_precision="ieee")
+    if S_FROM_BUF:
+        sa = tl.load(SBUF + pos[:, None] * stride_sbuf + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+    # fold gate value and beta into the small [tile, R] intermediate, never into the weights
+    sa = sa * scale[None, :]
+    up = load_ranks(US, UM, offs_r, row, is_s, is_m, stride_u, offs_n, mask_n)
+    acc = tl.dot(sa.to(up.dtype), up, acc=acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = OUT + tok[:, None] * stride_out + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lrp_shrink_kernel(
+    X, DS, DM, IDX, SBUF,
+    TOK, TILE_SAMPLE, TILE_START, TILE_END,
+    T, K, n_s, r,
+    stride_x, stride_d, stride_idx, stride_sbuf,
+    key_t, key_k,  # autotune keys: shape buckets only
+    SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """SBUF[pos, :] = X[tok]·Down_effᵀ, unscaled fp32 [T, BLOCK_R] in sorted token order (lanes ≥ R are 0).
+
+    Used for the cuBLAS-epilogue forward and, in the backward, for both u = x·A_effᵀ and dS = dY·B_effᵀ.
+    Grid: (tiles,).
+    """
+    pid_m = tl.program_id(0)
+    if tile_is_empty(pid_m, TILE_START, TILE_END, False):
+        return
+    s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, TILE_START, T,
+                                      SORTED, False, BLOCK_M)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, BLOCK_R)
+    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        d = load_ranks_t(DS, DM, offs_r, row, is_s, is_m, stride_d, offs_k, mask_k)
+        sa = tl.dot(x, d, acc=sa, input_precision="ieee")
+    tl.store(SBUF + pos[:, None] * stride_sbuf + offs_r[None, :], sa, mask=mask_m[:, None])

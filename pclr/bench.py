@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -280,7 +281,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 @contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
+def env_vars(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of a provider's build and timing, then restore them."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -666,7 +667,12 @@ PROVIDERS: dict[str, Callable[[Problem, dict], Built]] = {
 }
 
 
-def _provider_applies(name: str, mode: str) -> Optional[str]:
+def provider_env(name: str) -> dict[str, str]:
+    """Environment a provider runs under (the triton forward variant); apply with :func:`env_vars`."""
+    return dict(getattr(PROVIDERS[name], "env", {}))
+
+
+def not_applicable(name: str, mode: str) -> Optional[str]:
     """Why a provider has no row in a mode at all (None: it has one, possibly skipped with a reason)."""
     if mode == "gate" and name in ("base", "peft-lora", "punica", "pclr-triton-fused", "pclr-triton-epilogue",
                                    "pclr-triton-onepass"):
@@ -707,11 +713,11 @@ def run_kernel_point(shape: Shape, providers: Sequence[str], device: torch.devic
     p = make_problem(shape, device)
     rows = []
     for name in providers:
-        if _provider_applies(name, shape.mode):
+        if not_applicable(name, shape.mode):
             continue
         builder, built = PROVIDERS[name], None
         try:
-            with _env(getattr(builder, "env", {})):
+            with env_vars(provider_env(name)):
                 built = builder(p, opts)
                 built.fn()  # compile/autotune outside the timing; a failure here is the provider's error
                 _synchronize(device)
@@ -805,7 +811,9 @@ def build_model(provider: str, cfg: dict, device: torch.device, dtype: torch.dty
         from peft import LoraConfig, get_peft_model
 
         conf = LoraConfig(r=n_s + r, lora_alpha=128, lora_dropout=0.0, target_modules=list(LAYER_LINEARS))
-        return get_peft_model(model, conf, autocast_adapter_dtype=False)  # same dtype as every other provider
+        with warnings.catch_warnings():  # a transformers deprecation raised inside peft, not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, conf, autocast_adapter_dtype=False)  # same dtype as every other provider
     for layer in model.model.layers:
         if provider == "paper":
             keys = [F.normalize(torch.randn(n, d, device=device), dim=-1)]
@@ -872,7 +880,7 @@ def _run_model_provider(mode: str, provider: str, cfg: dict, device: torch.devic
     try:
         if mode == "serve" and provider == "paper":
             raise Skip("routes the whole batch as one task: a mixed-task batch cannot be served per sample")
-        with _env({"PCLR_TRITON_FWD": "auto"} if provider == "pclr-triton" else {}):
+        with env_vars({"PCLR_TRITON_FWD": "auto"} if provider == "pclr-triton" else {}):
             model = build_model(provider, cfg, device, DTYPES[dtype], opts.get("interpreter", False))
             rows.extend(run(model))
     except Skip as exc:

@@ -1,0 +1,1 @@
+"""Benchmarks of pclr: ``python -m benchmarks.run`` (the sweep) and ``pytest benchmarks/ --benchmark-only``."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,12 +70,11 @@ class LRPConfig:
         return self.alpha / n if n else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists; a regex target_modules stays a string)."""
         d = asdict(self)
         d["query_weights"] = list(self.query_weights)
-        d["target_modules"] = (
-            list(self.target_modules) if isinstance(self.target_modules, Sequence) and not isinstance(
-                self.target_modules, str) else self.target_modules
-        )
+        if not isinstance(self.target_modules, str):
+            d["target_modules"] = list(self.target_modules)
         return d
 
     @classmethod

@@ -184,3 +184,22 @@ def test_torch_compile_fullgraph(compile_backend):
     torch.testing.assert_close(out, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(r=0), "r must be >= 1"),
+    (dict(r=64, budget=32), "budget"),
+    (dict(gate_scope="token"), "gate_scope"),
+    (dict(gate_mode="gumbel"), "gate_mode"),
+    (dict(backend="tpu"), "backend"),
+    (dict(n_shared=-1), "n_shared"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        pclr.LRPConfig(**bad)
+
+
+def test_config_round_trips_through_dict():
+    cfg = pclr.LRPConfig(r=8, query_weights=[1.0, 0.5], target_modules=["q_proj"])
+    assert pclr.LRPConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.beta_m == 128 / 8 and cfg.beta_s(0) == 0.0

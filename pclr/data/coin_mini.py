@@ -1,0 +1,304 @@
+"""CoIN-mini: eight synthetic tasks shaped like CoIN's, generated on the user's machine (no download).
+
+    from pclr.data.coin_mini import generate, TASKS
+    info = generate("~/.cache/pclr/coin-mini", seed=0, n_train=256, n_test=300)
+    info.tasks["TextVQA"].train_json      # <root>/TextVQA/train.json (CoIN / LLaVA conversation format)
+
+Layout (as CoIN's): ``<root>/<Task>/{train,test}.json`` and ``<root>/<Task>/images/<split>_<i>.png``; image paths in the
+JSON are relative to ``<root>/<Task>`` (the task's ``image_root``). ``<root>/manifest.json`` records version, seed and
+sizes; a directory holding the same manifest is reused as is (generation takes a few seconds otherwise).
+
+Each task has its own answer format and vocabulary so that sequential fine-tuning on later tasks overwrites earlier
+behaviour (the forgetting the benchmark is meant to expose), while each remains a small, learnable mapping:
+
+=========  =========================================================  ===========================  =========
+task       image / question                                           answer                       scorer
+=========  =========================================================  ===========================  =========
+ScienceQA  three shapes of different sizes; which is largest/smallest  option letter "A".."C"       choice
+TextVQA    a word on a sign; what is written                          the word (12-word vocab)     exact
+ImageNet   a handwritten digit (sklearn digits); what is it            "zero".."nine"               exact
+GQA        two shapes; relation / attribute questions                 colour, shape, yes/no        exact
+VizWiz     one object, sometimes dark or blurred; what shape           shape or "unanswerable"      exact
+Grounding  2-3 shapes; box of the named one                           "[x1,y1,x2,y2]" in [0, 1]    grounding
+VQAv2      1-6 shapes; counting and colour                            "1".."6", colour             exact
+OCR-VQA    a book cover; title / genre                                title (10) or genre (5)      exact
+=========  =========================================================  ===========================  =========
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from PIL import Image
+
+from pclr.data import scenes
+from pclr.data.scenes import COLOURS, SHAPES, Obj
+
+VERSION = 1
+TASK_ORDER: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA")
+SHORT = "\nAnswer the question using a single word or phrase."
+SIGN_WORDS = ("stop", "exit", "open", "taxi", "cafe", "bank", "park", "shop", "hotel", "sale", "push", "bus")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+BOOK_TITLES = ("Moon", "Red Fox", "Ocean", "Big Cat", "Winter", "Gold", "Rain Day", "Tiger", "Home", "Star Map")
+GENRES = {"romance": (200, 60, 90), "travel": (40, 110, 200), "nature": (50, 140, 60), "history": (130, 90, 50),
+          "science": (90, 90, 100)}
+# Digits reserved for the ImageNet-task test split; everything else may be used for training or vision alignment.
+DIGIT_TEST_EVERY = 4
+
+Sample = tuple[Optional[Image.Image], str, str]  # (image, question, answer)
+
+
+@dataclass
+class TaskSpec:
+    """One CoIN-mini task: its generator and scorer type ("exact" | "choice" | "grounding")."""
+
+    name: str
+    scorer: str
+    make: Callable[[random.Random, int, str, int], Sample]  # (rng, image_size, split, index) -> sample
+    description: str = ""
+
+
+@dataclass
+class TaskFiles:
+    name: str
+    scorer: str
+    root: Path  # the task's image_root
+    train_json: Path
+    test_json: Path
+    n_train: int
+    n_test: int
+
+
+@dataclass
+class CoinMini:
+    root: Path
+    seed: int
+    image_size: int
+    tasks: dict[str, TaskFiles] = field(default_factory=dict)
+    generated: bool = False  # False when a cached directory was reused
+
+
+# --------------------------------------------------------------------------------------------------- task makers
+def _letters(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def _distinct_specs(rng: random.Random, n: int, *, distinct_shapes: bool = True) -> list[tuple[str, str]]:
+    colours = rng.sample(list(COLOURS), n)
+    shapes = rng.sample(list(SHAPES), n) if distinct_shapes else [rng.choice(SHAPES) for _ in range(n)]
+    return list(zip(shapes, colours))
+
+
+def make_scienceqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    specs = _distinct_specs(rng, 3)
+    objs = scenes.place_objects(rng, size, specs, sizes=(10, 17, 25), distinct_sizes=True)
+    largest = rng.random() < 0.5
+    target = max(objs, key=lambda o: o.area) if largest else min(objs, key=lambda o: o.area)
+    order = rng.sample(objs, len(objs))
+    letters = _letters(len(order))
+    opts = "\n".join(f"{l}. the {o.colour} {o.shape}" for l, o in zip(letters, order))
+    q = (f"Which object in the diagram is the {'largest' if largest else 'smallest'}?\n{opts}\n"
+         "Answer with the option's letter from the given choices directly.")
+    return scenes.scene(rng, size, objs), q, letters[order.index(target)]
+
+
+def make_textvqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    word = rng.choice(SIGN_WORDS)
+    q = rng.choice(["What word is written on the sign?", "What does the sign say?", "What is written in the image?"])
+    return scenes.text_image(rng, size, word.upper() if rng.random() < 0.5 else word), q + SHORT, word
+
+
+def make_imagenet(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    images, labels = scenes.digits()
+    pool = [k for k in range(len(labels)) if (k % DIGIT_TEST_EVERY == 0) == (split == "test")]
+    k = pool[rng.randrange(len(pool))]
+    q = "What is the object in the image?" + SHORT
+    return scenes.digit_image(rng, size, images[k]), q, NUMBER_WORDS[int(labels[k])]
+
+
+def make_gqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    specs = _distinct_specs(rng, 2)
+    objs = scenes.place_objects(rng, size, specs, sizes=(14, 18, 22))
+    left, right = sorted(objs, key=lambda o: o.center[0])
+    if abs(left.center[0] - right.center[0]) < 4:  # ambiguous left/right: ask an attribute question instead
+        kind = "shape_of_colour"
+    else:
+        kind = rng.choice(["colour_of_rel", "is_rel", "shape_of_colour"])
+    if kind == "colour_of_rel":
+        a, b, rel = (left, right, "left") if rng.random() < 0.5 else (right, left, "right")
+        return scenes.scene(rng, size, objs), f"What colour is the object to the {rel} of the {b.shape}?" + SHORT, a.colour
+    if kind == "is_rel":
+        a, b = rng.sample(objs, 2)
+        rel = rng.choice(["left", "right"])
+        truth = (a is left) == (rel == "left")
+        q = f"Is the {a.colour} {a.shape} to the {rel} of the {b.colour} {b.shape}?" + SHORT
+        return scenes.scene(rng, size, objs), q, "yes" if truth else "no"
+    a = rng.choice(objs)
+    return scenes.scene(rng, size, objs), f"What shape is the {a.colour} object?" + SHORT, a.shape
+
+
+def make_vizwiz(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    objs = scenes.place_objects(rng, size, [(shape, colour)], sizes=(26, 32, 38))
+    img = scenes.scene(rng, size, objs)
+    q = ("What shape is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+         + SHORT)
+    if rng.random() < 0.4:
+        return scenes.obscure(rng, img), q, "unanswerable"
+    return img, q, shape
+
+
+def make_grounding(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    n = rng.choice([2, 3])
+    specs = _distinct_specs(rng, n)
+    objs = scenes.place_objects(rng, size, specs, sizes=(12, 16, 20, 24))
+    t = rng.choice(objs)
+    name = rng.choice([f"the {t.colour} {t.shape}", f"{t.colour} {t.shape}", f"the {t.shape}"])
+    q = f"Please provide the bounding box coordinate of the region this sentence describes: {name}."
+    box = ",".join(f"{v / size:.2f}" for v in t.box)
+    return scenes.scene(rng, size, objs), q, f"[{box}]"
+
+
+def make_vqav2(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    if rng.random() < 0.6:  # counting
+        target = rng.choice(SHAPES)
+        k = rng.randint(1, 4)
+        others = [s for s in SHAPES if s != target]
+        specs = [(target, rng.choice(list(COLOURS))) for _ in range(k)]
+        specs += [(rng.choice(others), rng.choice(list(COLOURS))) for _ in range(rng.randint(0, 2))]
+        rng.shuffle(specs)
+        objs = scenes.place_objects(rng, size, specs, sizes=(9, 11, 13))
+        return scenes.scene(rng, size, objs), f"How many {target}s are there?" + SHORT, str(k)
+    specs = _distinct_specs(rng, rng.choice([1, 2, 3]))
+    objs = scenes.place_objects(rng, size, specs, sizes=(12, 16, 20))
+    t = rng.choice(objs)
+    return scenes.scene(rng, size, objs), f"What color is the {t.shape}?" + SHORT, t.colour
+
+
+def make_ocrvqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
+    title = rng.choice(BOOK_TITLES)
+    genre = rng.choice(list(GENRES))
+    cover = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in GENRES[genre])
+    img = scenes.book_cover(rng, size, title, cover)
+    if rng.random() < 0.6:
+        return img, "What is the title of this book?" + SHORT, title
+    return img, "What is the genre of this book?" + SHORT, genre
+
+
+TASKS: dict[str, TaskSpec] = {
+    "ScienceQA": TaskSpec("ScienceQA", "choice", make_scienceqa, "multiple choice over a diagram (largest/smallest)"),
+    "TextVQA": TaskSpec("TextVQA", "exact", make_textvqa, "read the word on a sign"),
+    "ImageNet": TaskSpec("ImageNet", "exact", make_imagenet, "classify a handwritten digit (sklearn digits)"),
+    "GQA": TaskSpec("GQA", "exact", make_gqa, "spatial relations and attributes of two shapes"),
+    "VizWiz": TaskSpec("VizWiz", "exact", make_vizwiz, "name the shape, or 'unanswerable' for dark/blurred photos"),
+    "Grounding": TaskSpec("Grounding", "grounding", make_grounding, "bounding box of the named shape"),
+    "VQAv2": TaskSpec("VQAv2", "exact", make_vqav2, "counting and colour questions"),
+    "OCR-VQA": TaskSpec("OCR-VQA", "exact", make_ocrvqa, "title and genre of a book cover"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ writer
+def _task_seed(seed: int, name: str, split: str) -> int:
+    # str hash() is salted per process; a fixed mix keeps generation reproducible across runs.
+    h = 1469598103934665603
+    for ch in f"{seed}/{name}/{split}":
+        h = ((h ^ ord(ch)) * 1099511628211) % (1 << 64)
+    return h
+
+
+def _records(spec: TaskSpec, seed: int, split: str, n: int, size: int, task_dir: Path) -> list[dict]:
+    rng = random.Random(_task_seed(seed, spec.name, split))
+    (task_dir / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img, q, a = spec.make(rng, size, split, i)
+        rec: dict = {"id": f"{spec.name}-{split}-{i}"}
+        if img is not None:
+            rel = f"images/{split}_{i:05d}.png"
+            img.save(task_dir / rel, optimize=False, compress_level=1)
+            rec["image"] = rel
+            q = "<image>\n" + q
+        rec["conversations"] = [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+        out.append(rec)
+    return out
+
+
+def manifest_for(seed: int, n_train: int, n_test: int, image_size: int, tasks: Sequence[str]) -> dict:
+    return {"benchmark": "coin-mini", "version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test,
+            "image_size": image_size, "tasks": {t: TASKS[t].scorer for t in tasks}}
+
+
+def generate(root: str | os.PathLike, *, seed: int = 0, n_train: int = 256, n_test: int = 300,
+             image_size: int = 64, tasks: Optional[Sequence[str]] = None, force: bool = False) -> CoinMini:
+    """Write CoIN-mini under ``root`` (or reuse it when ``root/manifest.json`` matches) and describe its files.
+
+    The whole directory is written next to ``root`` and renamed into place, so an interrupted generation never
+    leaves a half-written benchmark that a later run would take for a complete one.
+    """
+    names = list(tasks) if tasks is not None else list(TASK_ORDER)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown CoIN-mini task(s) {unknown}; known: {list(TASK_ORDER)}")
+    root = Path(root).expanduser()
+    manifest = manifest_for(seed, n_train, n_test, image_size, names)
+    mpath = root / "manifest.json"
+    reused = False
+    if not force and mpath.is_file():
+        try:
+            reused = json.loads(mpath.read_text()) == manifest
+        except (OSError, ValueError):
+            reused = False
+    if not reused:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        try:
+            for name in names:
+                spec, tdir = TASKS[name], tmp / name
+                for split, n in (("train", n_train), ("test", n_test)):
+                    recs = _records(spec, seed, split, n, image_size, tdir)
+                    (tdir / f"{split}.json").write_text(json.dumps(recs, indent=1))
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    info = CoinMini(root=root, seed=seed, image_size=image_size, generated=not reused)
+    for name in names:
+        tdir = root / name
+        info.tasks[name] = TaskFiles(name, TASKS[name].scorer, tdir, tdir / "train.json", tdir / "test.json",
+                                     n_train, n_test)
+    return info
+
+
+def default_root(seed: int, n_train: int, n_test: int, image_size: int) -> Path:
+    """Where generated data lives by default: outside any repository, one directory per configuration."""
+    base = Path(os.environ.get("PCLR_CACHE", Path.home() / ".cache" / "pclr"))
+    return base / "coin-mini" / f"v{VERSION}-seed{seed}-{n_train}x{n_test}-{image_size}px"
+
+
+# --------------------------------------------------------------------------------------------------- intervals
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy, in percent. ``correct`` may be fractional (soft scores)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (100 * max(0.0, centre - half), 100 * min(1.0, centre + half))
+
+
+def difference_halfwidth(p1: float, p2: float, n: int, z: float = 1.96) -> float:
+    """Half-width (percentage points) of a normal 95% interval of the difference of two accuracies (in percent)
+    measured on independent sets of ``n`` samples: how large a gap must be to stand above sampling noise."""
+    a, b = p1 / 100, p2 / 100
+    return 100 * z * math.sqrt(max(a * (1 - a) + b * (1 - b), 1e-12) / n)

@@ -4,7 +4,8 @@ Every provider runs on identical inputs in one process, so the only claims are r
 
 * ``base``                 x·Wᵀ (+ b) with ``F.linear`` (cuBLAS on GPU): the floor;
 * ``pclr-reference``       ``lrp_linear(backend="reference")`` (gathered torch);
-* ``pclr-triton-fused`` / ``pclr-triton-epilogue``   the triton backend, forward variant forced by PCLR_TRITON_FWD;
+* ``pclr-triton-fused`` / ``-epilogue`` / ``-split``  the triton backend, forward variant forced by PCLR_TRITON_FWD
+  (``pclr-triton`` in gate mode: the triton gate kernel);
 * ``pclr-triton-onepass``  the gate and the LRP in one launch (when the backend exposes it);
 * ``pclr-cuda``            the compiled CUDA backend;
 * ``paper``                the PCLR authors' formulation: gate scores recomputed in every linear, one route per batch,
@@ -322,11 +323,11 @@ def _layer_dims(shape: Shape) -> list[tuple[int, int]]:
 
 def make_problem(shape: Shape, device: torch.device, seed: int = 0) -> Problem:
     """Random inputs; B_m is non-zero (a trained pool), every sample's query is different (mixed tasks)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: a 5120x13824 weight is instant
     dt = shape.torch_dtype
 
     def rnd(*size: int, scale: float = 1.0, dtype: torch.dtype = dt) -> Tensor:
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*size, generator=g, device=device) * scale).to(dtype)
 
     d_v = min(VISION_DIM, shape.d_in)
     query = (rnd(shape.B, shape.d_in, dtype=torch.float32), rnd(shape.B, d_v, dtype=torch.float32))
@@ -455,6 +456,26 @@ def _layer_chain(p: Problem, linear: Callable[[Tensor, dict, Any], Tensor], rout
     return forward
 
 
+ONE_PASS_SIGNATURE = ("lrp_linear_one_pass(x, weight, bias, A_m, B_m, query, keys, r, *, weights, A_s, B_s, beta_m, "
+                      "beta_s) in pclr.backends.triton, or pclr.functional.lrp_gate_linear (same arguments)")
+
+
+def _one_pass_entry(backend: str) -> Callable[..., Tensor]:
+    """The one-launch gate + LRP function of a backend, or Skip naming the entry point this benchmark looks for."""
+    import functools
+    import importlib
+
+    fn = getattr(importlib.import_module(f"pclr.backends.{backend}"), "lrp_linear_one_pass", None)
+    if fn is not None:
+        return fn
+    import pclr.functional as functional
+
+    fn = getattr(functional, "lrp_gate_linear", None)
+    if fn is not None:
+        return functools.partial(fn, backend=backend)
+    raise Skip(f"the {backend} backend exposes no one-pass gate+LRP entry point; looked for {ONE_PASS_SIGNATURE}")
+
+
 def _pclr_builder(backend: str, env: Optional[dict[str, str]] = None, onepass: bool = False) -> Callable:
     def build(p: Problem, opts: dict) -> Built:
         _require_backend(backend, p, opts.get("interpreter", False))
@@ -463,12 +484,7 @@ def _pclr_builder(backend: str, env: Optional[dict[str, str]] = None, onepass: b
         if p.shape.mode == "gate":
             return Built(lambda: lrp_gate(p.query, p.keys, p.shape.r, weights=(1.0, VISION_WEIGHT), backend=backend))
         if onepass:
-            import pclr.functional as fn_mod
-
-            one = getattr(fn_mod, "lrp_gate_linear", None)
-            if one is None:
-                raise Skip("the triton backend exposes no one-pass gate+LRP entry point (pclr.functional."
-                           "lrp_gate_linear)")
+            one = _one_pass_entry(backend)
         fwdbwd = p.shape.mode == "fwdbwd"
         grads: list[Tensor] = []
         x = p.x.detach().requires_grad_(fwdbwd)
@@ -483,7 +499,7 @@ def _pclr_builder(backend: str, env: Optional[dict[str, str]] = None, onepass: b
             if onepass:
                 return one(inp, layer["weight"], layer["bias"], layer["A_m"], layer["B_m"], p.query, p.keys,
                            p.shape.r, weights=(1.0, VISION_WEIGHT), A_s=layer["A_s"], B_s=layer["B_s"],
-                           beta_m=p.beta_m, beta_s=p.beta_s, backend=backend)
+                           beta_m=p.beta_m, beta_s=p.beta_s)
             idx, val = route
             return lrp_linear(inp, layer["weight"], layer["bias"], layer["A_m"], layer["B_m"], idx, val,
                               A_s=layer["A_s"], B_s=layer["B_s"], beta_m=p.beta_m, beta_s=p.beta_s, backend=backend)
@@ -658,6 +674,7 @@ PROVIDERS: dict[str, Callable[[Problem, dict], Built]] = {
     "pclr-triton": _pclr_builder("triton"),  # gate mode: the triton gate kernel
     "pclr-triton-fused": _pclr_builder("triton", {"PCLR_TRITON_FWD": "fused"}),
     "pclr-triton-epilogue": _pclr_builder("triton", {"PCLR_TRITON_FWD": "epilogue"}),
+    "pclr-triton-split": _pclr_builder("triton", {"PCLR_TRITON_FWD": "split"}),
     "pclr-triton-onepass": _pclr_builder("triton", onepass=True),
     "pclr-cuda": _pclr_builder("cuda"),
     "paper": build_paper,
@@ -675,7 +692,7 @@ def provider_env(name: str) -> dict[str, str]:
 def not_applicable(name: str, mode: str) -> Optional[str]:
     """Why a provider has no row in a mode at all (None: it has one, possibly skipped with a reason)."""
     if mode == "gate" and name in ("base", "peft-lora", "punica", "pclr-triton-fused", "pclr-triton-epilogue",
-                                   "pclr-triton-onepass"):
+                                   "pclr-triton-split", "pclr-triton-onepass"):
         return "no gate"
     if mode != "gate" and name == "pclr-triton":
         return "the linear modes time the two forward variants separately"

@@ -128,3 +128,64 @@ def gate_topr_kernel(
         else:
             v = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
         tl.store(VAL + pid * stride_out + offs_r, v, mask=mask_r)
+
+
+# --- per-sample gate inside another kernel's prologue (the one-pass LRP linear) ---------------------------------
+
+
+@triton.jit
+def sample_part_cos(s, Q, Kp, n, d, stride_q, stride_k, BLOCK_NK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cos(q[s], k[j]) for all n keys of one part: [BLOCK_NK] fp32 (keys are small: read by every program)."""
+    offs_n = tl.arange(0, BLOCK_NK)
+    mask_n = offs_n < n
+    dot = tl.zeros([BLOCK_NK], dtype=tl.float32)
+    ksq = tl.zeros([BLOCK_NK], dtype=tl.float32)
+    qsq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d
+        q = tl.load(Q + s * stride_q + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        k = tl.load(Kp + offs_n[:, None] * stride_k + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0).to(tl.float32)
+        dot += tl.sum(k * q[None, :], axis=1)
+        ksq += tl.sum(k * k, axis=1)
+        qsq += q * q
+    qn = tl.maximum(tl.sqrt(tl.sum(qsq, axis=0)), NORM_EPS)
+    kn = tl.maximum(tl.sqrt(ksq), NORM_EPS)
+    return dot / qn / kn
+
+
+@triton.jit
+def sample_gate(
+    s, Q1, K1, Q2, K2, CAND, n, d1, d2, stride_q1, stride_k1, stride_q2, stride_k2, stride_cand, w1, w2, n_s, r,
+    TWO_PARTS: tl.constexpr, HAS_CAND: tl.constexpr, SOFT: tl.constexpr,
+    BLOCK_NK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Sample s's top-r experts laid out on rank lanes n_s .. n_s + r - 1 (shared ranks first).
+
+    Returns (row int32 [BLOCK_R], val fp32 [BLOCK_R]); same rule as :func:`gate_topr_kernel` (ties → lower index).
+    """
+    score = w1 * sample_part_cos(s, Q1, K1, n, d1, stride_q1, stride_k1, BLOCK_NK, BLOCK_D)
+    if TWO_PARTS:
+        score += w2 * sample_part_cos(s, Q2, K2, n, d2, stride_q2, stride_k2, BLOCK_NK, BLOCK_D)
+    offs = tl.arange(0, BLOCK_NK)
+    in_range = offs < n
+    rank = score
+    if HAS_CAND:
+        c = tl.load(CAND + s * stride_cand + offs, mask=in_range, other=0)
+        rank = tl.where(c != 0, score, float("-inf"))
+    offs_r = tl.arange(0, BLOCK_R)
+    row = tl.zeros([BLOCK_R], dtype=tl.int32)
+    val = tl.zeros([BLOCK_R], dtype=tl.float32)
+    avail = in_range
+    for i in range(0, r):
+        best = tl.max(tl.where(avail, rank, float("-inf")), axis=0)
+        j = tl.min(tl.where(avail & (rank == best), offs, BLOCK_NK), axis=0)
+        lane = offs_r == n_s + i
+        row = tl.where(lane, j, row)
+        if SOFT:
+            val = tl.where(lane, tl.sum(tl.where(offs == j, score, 0.0), axis=0), val)
+        else:
+            val = tl.where(lane, 1.0, val)
+        avail = avail & (offs != j)
+    return row, val

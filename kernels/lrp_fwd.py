@@ -17,6 +17,8 @@ the same for every token of the tile and the low-rank product is a dense GEMM on
 import triton
 import triton.language as tl
 
+from pclr.kernels.gate import sample_gate
+
 
 @triton.jit
 def tile_is_empty(pid_m, TILE_START, TILE_END, DECODE: tl.constexpr):
@@ -86,31 +88,14 @@ def load_ranks(RS, RM, offs_r, row, is_s, is_m, stride, offs_c, mask_c):
 
 
 @triton.jit
-def lrp_expand_kernel(
-    X, W, BIAS, OUT, DS, DM, US, UM, IDX, VAL, SBUF,
-    TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT,
-    T, K, N, n_s, r,
-    stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_idx, stride_sbuf,
-    beta_m, beta_s,
-    key_t, key_k, key_n,  # autotune keys: shape buckets only
+def gated_tile(
+    X, W, BIAS, OUT, DS, DM, US, UM, SBUF, pid_n, pos, tok, mask_m, offs_r, is_s, is_m, row, scale,
+    K, N, stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_sbuf,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, S_FROM_BUF: tl.constexpr,
-    K_LOOP: tl.constexpr, SORTED: tl.constexpr, DECODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """OUT[t, n-tile] (+)= X[t]·Wᵀ + bias + (scale ⊙ S)·Up_eff for one tile of tokens of one sample.
-
-    X [T, K]; W viewed [N, K] through (stride_wn, stride_wk); OUT [T, N]; DS [n_s, K], DM [n, K]; US [n_s, N],
-    UM [n, N]; IDX int32 [B, r], VAL fp32 [B, r]; SBUF fp32 [T, BLOCK_R] (unscaled S in sorted order) when
-    S_FROM_BUF, else S = X·Down_effᵀ is computed in the same K loop as the base product (each X tile read once).
-    Grid: (tiles, cdiv(N, BLOCK_N)); DECODE: (B, cdiv(N, BLOCK_N)).
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if tile_is_empty(pid_m, TILE_START, TILE_END, DECODE):
-        return
-    s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
-                                      SORTED, DECODE, BLOCK_M)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R)
+    """The body shared by the expand and the one-pass kernels, once the tile's tokens and rank rows are known."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
@@ -145,6 +130,37 @@ def lrp_expand_kernel(
 
 
 @triton.jit
+def lrp_expand_kernel(
+    X, W, BIAS, OUT, DS, DM, US, UM, IDX, VAL, SBUF,
+    TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT,
+    T, K, N, n_s, r,
+    stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_idx, stride_sbuf,
+    beta_m, beta_s,
+    key_t, key_k, key_n,  # autotune keys: shape buckets only
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, S_FROM_BUF: tl.constexpr,
+    K_LOOP: tl.constexpr, SORTED: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT[t, n-tile] (+)= X[t]·Wᵀ + bias + (scale ⊙ S)·Up_eff for one tile of tokens of one sample.
+
+    X [T, K]; W viewed [N, K] through (stride_wn, stride_wk); OUT [T, N]; DS [n_s, K], DM [n, K]; US [n_s, N],
+    UM [n, N]; IDX int32 [B, r], VAL fp32 [B, r]; SBUF fp32 [T, BLOCK_R] (unscaled S in sorted order) when
+    S_FROM_BUF, else S = X·Down_effᵀ is computed in the same K loop as the base product (each X tile read once).
+    Grid: (tiles, cdiv(N, BLOCK_N)); DECODE: (B, cdiv(N, BLOCK_N)).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if tile_is_empty(pid_m, TILE_START, TILE_END, DECODE):
+        return
+    s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
+                                      SORTED, DECODE, BLOCK_M)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R)
+    gated_tile(X, W, BIAS, OUT, DS, DM, US, UM, SBUF, pid_n, pos, tok, mask_m, offs_r, is_s, is_m, row, scale,
+               K, N, stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_sbuf,
+               HAS_BASE, HAS_BIAS, ACCUMULATE, S_FROM_BUF, K_LOOP, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def lrp_shrink_kernel(
     X, DS, DM, IDX, SBUF,
     TOK, TILE_SAMPLE, TILE_START, TILE_END,
@@ -173,3 +189,52 @@ def lrp_shrink_kernel(
         d = load_ranks_t(DS, DM, offs_r, row, is_s, is_m, stride_d, offs_k, mask_k)
         sa = tl.dot(x, d, acc=sa, input_precision="ieee")
     tl.store(SBUF + pos[:, None] * stride_sbuf + offs_r[None, :], sa, mask=mask_m[:, None])
+
+
+@triton.jit
+def lrp_one_pass_kernel(
+    X, W, BIAS, OUT, AS, AM, BS, BM, Q1, K1, Q2, K2, CAND, IDX, VAL,
+    TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT,
+    T, K, N, n, n_s, r, d1, d2, n_lrp,
+    stride_x, stride_w, stride_out, stride_a, stride_b, stride_q1, stride_k1, stride_q2, stride_k2, stride_cand,
+    stride_idx, w1, w2, beta_m, beta_s,
+    key_t, key_k, key_n,  # autotune keys: shape buckets only
+    HAS_BIAS: tl.constexpr, TWO_PARTS: tl.constexpr, HAS_CAND: tl.constexpr, SOFT: tl.constexpr,
+    SORTED: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_NK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Gate and gated LRP linear in one launch: y = x·Wᵀ + b + (scale ⊙ x·A_effᵀ)·B_eff with A_eff/B_eff chosen by
+    the per-sample top-r of Σ_p w_p·cos(q_p[s], K_p) computed in each program's prologue.
+
+    Programs pid_m < n_lrp are LRP tiles (as :func:`lrp_expand_kernel`, fused variant); programs
+    pid_m = n_lrp + s (pid_n == 0) only write sample s's IDX int32 [B, r] / VAL fp32 [B, r] for the backward, so a
+    sample without tokens still gets its routing. Grid: (n_lrp + B, cdiv(N, BLOCK_N)).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if (pid_m >= n_lrp) & (pid_n > 0):
+        return
+    if pid_m >= n_lrp:
+        s_w = pid_m - n_lrp
+        row_w, val_w = sample_gate(s_w, Q1, K1, Q2, K2, CAND, n, d1, d2, stride_q1, stride_k1, stride_q2,
+                                   stride_k2, stride_cand, w1, w2, n_s, r, TWO_PARTS, HAS_CAND, SOFT,
+                                   BLOCK_NK, BLOCK_D, BLOCK_R)
+        lanes = tl.arange(0, BLOCK_R)
+        pool = (lanes >= n_s) & (lanes < n_s + r)
+        tl.store(IDX + s_w * stride_idx + lanes - n_s, row_w, mask=pool)
+        tl.store(VAL + s_w * stride_idx + lanes - n_s, val_w, mask=pool)
+        return
+    if tile_is_empty(pid_m, TILE_START, TILE_END, DECODE):
+        return
+    s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
+                                      SORTED, DECODE, BLOCK_M)
+    row32, v = sample_gate(s, Q1, K1, Q2, K2, CAND, n, d1, d2, stride_q1, stride_k1, stride_q2, stride_k2,
+                           stride_cand, w1, w2, n_s, r, TWO_PARTS, HAS_CAND, SOFT, BLOCK_NK, BLOCK_D, BLOCK_R)
+    offs_r = tl.arange(0, BLOCK_R)
+    is_s = offs_r < n_s
+    is_m = (offs_r >= n_s) & (offs_r < n_s + r)
+    scale = tl.where(is_s, beta_s, v * beta_m)
+    gated_tile(X, W, BIAS, OUT, AS, AM, BS, BM, OUT, pid_n, pos, tok, mask_m, offs_r, is_s, is_m,
+               row32.to(tl.int64), scale, K, N, stride_x, stride_w, 1, stride_out, stride_a, stride_b, 0,
+               True, HAS_BIAS, False, False, True, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K)

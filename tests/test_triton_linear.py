@@ -260,3 +260,88 @@ def _print_errors():
         for (tag, name), e in ERRORS.items():
             worst[name] = max(worst.get(name, 0.0), e)
         print("\nlargest abs errors vs reference:", {k: f"{v:.2e}" for k, v in sorted(worst.items())})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One pass (gate in the prologue) vs gate-then-LRP through the reference
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _gate_problem(B, n, dims, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = tuple(torch.randn(B, d, generator=g).to(DEVICE) for d in dims)
+    k = tuple(torch.randn(n, d, generator=g).to(DEVICE) for d in dims)
+    return q, k
+
+
+ONE_PASS_CASES = {
+    "decode_soft_two_parts": (dict(lens=[1, 1, 0, 1], d_in=24, d_out=20, n=14, r=4), (16, 8), "soft", False),
+    "packed_tiles_candidates": (dict(lens=[40, 0, 77, 3], d_in=35, d_out=26, n=20, r=5, n_s=3, frozen=(1, 7)),
+                                (12, 6), "hard", True),
+    "padded_one_part_r1_ns0": (dict(B=2, L=70, d_in=19, d_out=33, n=9, r=1, n_s=0), (10,), "soft", False),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_PASS_CASES))
+def test_one_pass_matches_gate_then_lrp(name):
+    shape, dims, mode, with_cand = ONE_PASS_CASES[name]
+    c = make_case(**shape, device=DEVICE, seed=17)
+    n, r, B = c.A_m.shape[0], c.idx.shape[1], c.num_samples
+    q0, k0 = _gate_problem(B, n, dims, seed=18)
+    w = (1.0, 0.25)[: len(dims)]
+    cand = None
+    if with_cand:
+        cand = torch.rand(B, n, generator=torch.Generator().manual_seed(19)) > 0.5
+        cand[:, :r] = True
+        cand = cand.to(DEVICE)
+    results = {}
+    for path in ("one_pass", "reference"):
+        leaves = {nm: getattr(c, nm).clone().requires_grad_(True) for nm in ("x", "A_m", "B_m", "A_s", "B_s")
+                  if getattr(c, nm) is not None}
+        q = tuple(t.clone().requires_grad_(True) for t in q0)
+        k = tuple(t.clone().requires_grad_(True) for t in k0)
+        kw = dict(A_s=leaves.get("A_s"), B_s=leaves.get("B_s"), beta_m=c.beta_m, beta_s=c.beta_s,
+                  sample_of_token=c.sot, trainable=c.trainable)
+        if path == "one_pass":
+            y, idx, val = triton_backend.lrp_linear_one_pass(
+                leaves["x"], c.weight, c.bias, leaves["A_m"], leaves["B_m"], q, k, r, weights=w, candidates=cand,
+                mode=mode, **kw)
+        else:
+            idx, val = pclr.lrp_gate(q, k, r, weights=w, candidates=cand, mode=mode, backend="reference")
+            y = pclr.lrp_linear(leaves["x"], c.weight, c.bias, leaves["A_m"], leaves["B_m"], idx, val,
+                                backend="reference", **kw)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y))
+        grads = {nm: t.grad for nm, t in leaves.items()}
+        if mode == "soft":
+            grads.update({f"q{p}": t.grad for p, t in enumerate(q)}, **{f"k{p}": t.grad for p, t in enumerate(k)})
+        results[path] = (y.detach(), idx, val.detach(), grads)
+    (y, idx, val, g), (y_r, idx_r, val_r, g_r) = results["one_pass"], results["reference"]
+    assert torch.equal(idx, idx_r)
+    torch.testing.assert_close(val, val_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y, y_r, atol=1e-4, rtol=1e-4)
+    errs = {"y": (y - y_r).abs().max().item()}
+    for nm in g_r:
+        assert g[nm] is not None and bool(g[nm].abs().sum() > 0), f"one pass: no gradient for {nm}"
+        torch.testing.assert_close(g[nm], g_r[nm], atol=1e-4, rtol=1e-4, msg=lambda m, nm=nm: f"grad {nm}: {m}")
+        errs[nm] = (g[nm] - g_r[nm]).abs().max().item()
+    if c.trainable is not None:
+        assert torch.count_nonzero(g["A_m"][~c.trainable]) == 0 and torch.count_nonzero(g["B_m"][~c.trainable]) == 0
+    _record("one_pass", errs)
+
+
+def test_one_pass_compiles_fullgraph():
+    c = make_case(lens=[3, 6], d_in=16, d_out=12, n=8, r=2, device=DEVICE, seed=23)
+    q, k = _gate_problem(2, 8, (12,), seed=24)
+
+    def f(x, qq):
+        return triton_backend.lrp_linear_one_pass(x, c.weight, c.bias, c.A_m, c.B_m, qq, k[0], 2, A_s=c.A_s,
+                                                  B_s=c.B_s, sample_of_token=c.sot, mode="soft")
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    x = c.x.clone().requires_grad_(True)
+    y, idx, val = cf(x, q[0])
+    y.sum().backward()
+    y_r, idx_r, val_r = f(c.x, q[0])
+    assert torch.equal(idx, idx_r)
+    torch.testing.assert_close(y, y_r)
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)

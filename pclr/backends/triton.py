@@ -127,6 +127,10 @@ if triton is not None:
         configs=_configs("shrink"), key=["key_t", "key_k", "BLOCK_M", "BLOCK_R"],
         prune_configs_by={"early_config_prune": _prune},
     )(fwd_kernels.lrp_shrink_kernel)
+    _one_pass = triton.autotune(
+        configs=_configs("expand"), key=["key_t", "key_k", "key_n", "BLOCK_M", "BLOCK_R", "DECODE"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(fwd_kernels.lrp_one_pass_kernel)
     _pool_grad = triton.autotune(
         configs=_configs("pool"), key=["key_t", "key_d", "BLOCK_M", "BLOCK_R", "ATOMIC"],
         reset_to_zero=["OUT"],  # atomics accumulate: each tuning run starts from zero
@@ -546,6 +550,176 @@ def lrp_gate_op(query: list[Tensor], keys: list[Tensor], weights: list[float], r
 def _(query, keys, weights, r, candidates, scope, mode):
     B = query[0].shape[0]
     return (keys[0].new_empty((B, r), dtype=torch.int32), keys[0].new_empty((B, r), dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One pass: the per-sample gate in the prologue of the fused LRP linear (one launch, no separate gate)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def launch_one_pass(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor,
+                    A_s: Optional[Tensor], B_s: Optional[Tensor], query: list[Tensor], keys: list[Tensor],
+                    weights: list[float], r: int, candidates: Optional[Tensor], soft: bool, sot: Tensor,
+                    beta_m: float, beta_s: float, padded_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [T, d_out], idx int32 [B, r], val fp32 [B, r]); x [T, d_in], query_p [B, d_p], keys_p [n, d_p] (≤ 2 parts)."""
+    T, d_in = x.shape
+    d_out, n = weight.shape[0], A_m.shape[0]
+    B = query[0].shape[0]
+    n_s = 0 if A_s is None else A_s.shape[0]
+    assert len(query) == len(keys) <= 2 and 1 <= r <= n and keys[0].shape[0] == n
+    dev = x.device
+    y = torch.empty((T, d_out), dtype=x.dtype, device=dev)
+    idx = torch.empty((B, r), dtype=torch.int32, device=dev)
+    val = torch.empty((B, r), dtype=torch.float32, device=dev)
+    if B == 0:
+        return _base(x, weight, bias), idx, val
+    decode_bm = _decode_block_m(T, B)
+    tiles = None if decode_bm or T == 0 else segment_tokens(sot, B, padded_len, tile_block_m(T, B))
+    n_lrp = B if decode_bm else (tiles.num_tiles if tiles is not None else 0)
+    if tiles is None:
+        tok = t_sample = t_start = t_end = sot if T else idx
+    else:
+        t_sample, t_start, t_end = tiles.tile_sample, tiles.tile_start, tiles.tile_end
+        tok = tiles.tok if tiles.tok is not None else t_start
+    q = [t.contiguous() for t in query]
+    k = [t.contiguous() for t in keys]
+    two = len(q) == 2
+    q2, k2 = (q[1], k[1]) if two else (q[0], k[0])
+    cand = None if candidates is None else candidates.to(torch.int8).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    grid = lambda meta: (n_lrp + B, triton.cdiv(d_out, meta["BLOCK_N"]))  # noqa: E731
+    _one_pass[grid](
+        x, weight, bias if bias is not None else y, y, _rows(A_s, A_m), A_m, _rows(B_s, B_m), B_m,
+        q[0], k[0], q2, k2, cand if cand is not None else idx, idx, val,
+        tok, t_sample, t_start, t_end, sot if T else idx,
+        T, d_in, d_out, n, n_s, r, k[0].shape[1], k2.shape[1], n_lrp,
+        x.stride(0), weight.stride(0), y.stride(0), A_m.stride(0), B_m.stride(0),
+        q[0].stride(0), k[0].stride(0), q2.stride(0), k2.stride(0),
+        (cand.stride(0) if cand is not None and cand.dim() == 2 else 0), idx.stride(0),
+        float(weights[0]), float(weights[1]) if two else 0.0, float(beta_m), float(beta_s),
+        _next_pow2(T), d_in, d_out,
+        HAS_BIAS=bias is not None, TWO_PARTS=two, HAS_CAND=cand is not None, SOFT=soft,
+        SORTED=tiles is not None and tiles.tok is not None, DECODE=tiles is None,
+        BLOCK_M=decode_bm or (tiles.block_m if tiles is not None else 16), BLOCK_R=_block_r(n_s + r),
+        BLOCK_NK=max(16, _next_pow2(n)), BLOCK_D=32 if n > 1024 else 64,
+    )
+    return y, idx, val
+
+
+@torch.library.custom_op("pclr::triton_lrp_one_pass", mutates_args=())
+def lrp_one_pass_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, A_s: Optional[Tensor],
+    B_s: Optional[Tensor], query: list[Tensor], keys: list[Tensor], weights: list[float], r: int,
+    candidates: Optional[Tensor], soft: bool, sample_of_token: Tensor, trainable: Optional[Tensor],
+    beta_m: float, beta_s: float, padded_len: int, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return launch_one_pass(x, weight, bias, A_m, B_m, A_s, B_s, query, keys, weights, r, candidates, soft,
+                           sample_of_token, beta_m, beta_s, padded_len)
+
+
+@lrp_one_pass_op.register_fake
+def _(x, weight, bias, A_m, B_m, A_s, B_s, query, keys, weights, r, candidates, soft, sample_of_token, trainable,
+      beta_m, beta_s, padded_len, deterministic):
+    B = query[0].shape[0]
+    return (x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((B, r), dtype=torch.int32),
+            x.new_empty((B, r), dtype=torch.float32))
+
+
+def _one_pass_setup(ctx, inputs, output):
+    (x, weight, bias, A_m, B_m, A_s, B_s, query, keys, weights, r, cand, soft, sot, trainable, beta_m, beta_s,
+     padded_len, det) = inputs
+    _, idx, val = output
+    ctx.n_parts = len(query)
+    ctx.weights = tuple(weights)
+    ctx.qk_grad = bool(soft) and any(t.requires_grad for t in list(query) + list(keys))
+    ctx.scalars = (beta_m, beta_s, padded_len, det)
+    ctx.save_for_backward(x, weight, A_m, B_m, A_s, B_s, idx, val, sot, trainable, *query, *keys)
+
+
+def _one_pass_backward(ctx, grad_y, grad_idx, grad_val):
+    x, weight, A_m, B_m, A_s, B_s, idx, val, sot, trainable, *qk = ctx.saved_tensors
+    query, keys = qk[:ctx.n_parts], qk[ctx.n_parts:]
+    ng = ctx.needs_input_grad
+    need_x, need_pool = ng[0], ng[3] or ng[4]
+    need_shared = A_s is not None and (ng[5] or ng[6])
+    need_val = ctx.qk_grad
+    dx, dA, dB, dval, dAs, dBs = torch.ops.pclr.triton_lrp_linear_backward(
+        grad_y.contiguous(), x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, *ctx.scalars,
+        need_x, need_pool, need_val, need_shared)
+    dq, dk = [None] * ctx.n_parts, [None] * ctx.n_parts  # list inputs take a list of gradients
+    if need_val:
+        total = dval if grad_val is None else dval + grad_val
+        with torch.enable_grad():  # soft gate: route dval through the chosen scores (B·r·d) to query and keys
+            qs = [t.detach().requires_grad_(True) for t in query]
+            ks = [t.detach().requires_grad_(True) for t in keys]
+            v = chosen_scores(tuple(qs), tuple(ks), ctx.weights, idx)
+            grads = torch.autograd.grad(v, qs + ks, total, allow_unused=True)
+        dq, dk = list(grads[:ctx.n_parts]), list(grads[ctx.n_parts:])
+    return (dx if need_x else None, None, None, dA if ng[3] else None, dB if ng[4] else None,
+            dAs if need_shared and ng[5] else None, dBs if need_shared and ng[6] else None, dq, dk,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+lrp_one_pass_op.register_autograd(_one_pass_backward, setup_context=_one_pass_setup)
+
+
+def lrp_linear_one_pass(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor,
+    query, keys, r: int, *, weights=None, candidates: Optional[Tensor] = None,
+    A_s: Optional[Tensor] = None, B_s: Optional[Tensor] = None, beta_m: float = 1.0, beta_s: float = 1.0,
+    sample_of_token: Optional[Tensor] = None, mode: str = "hard", trainable: Optional[Tensor] = None,
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gate and gated LRP linear in a single launch (per-sample scope): returns (y, idx, val).
+
+    Same result as ``idx, val = lrp_gate(query, keys, r, weights=..., candidates=..., mode=...)`` followed by
+    ``lrp_linear(x, weight, bias, A_m, B_m, idx, val, ...)``; idx/val are returned for reuse and for the backward.
+
+    Args:
+        x: [B, L, d_in] or packed [T, d_in] with ``sample_of_token`` int [T].
+        query: [B, d_q] or a tuple of at most two parts; keys: [n, d_q] or the matching tuple.
+        r: experts per sample; weights: per-part weights (default 1 each); candidates: bool [n] or [B, n].
+        mode: "hard" (val = 1) or "soft" (val = score, gradients reach query and keys).
+        Other arguments as :func:`pclr.lrp_linear`.
+    """
+    from pclr.dispatch import BackendUnavailableError
+
+    q = (query,) if isinstance(query, Tensor) else tuple(query)
+    k = (keys,) if isinstance(keys, Tensor) else tuple(keys)
+    w = [1.0] * len(q) if weights is None else [float(v) for v in weights]
+    if not (len(q) == len(k) == len(w)) or not 1 <= len(q) <= 2:
+        raise ValueError(f"one pass takes 1 or 2 query/key parts with matching weights, got {len(q)}/{len(k)}/{len(w)}")
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    B, n = q[0].shape[0], A_m.shape[0]
+    if not 1 <= r <= n or any(t.shape[0] != n for t in k) or any(t.shape[0] != B for t in q):
+        raise ValueError(f"need 1 <= r <= n and keys [n={n}, d], query [B={B}, d]; got r={r}")
+    d_out = weight.shape[0]
+    if x.dim() == 3:
+        if x.shape[0] != B:
+            raise ValueError(f"x has batch {x.shape[0]} but query has {B} rows")
+        padded_len = x.shape[1]
+        x2 = x.reshape(-1, x.shape[-1])
+        sot = torch.arange(B, device=x.device, dtype=torch.int32).repeat_interleave(padded_len)
+    else:
+        if sample_of_token is None:
+            raise ValueError("packed x [T, d_in] needs sample_of_token (int [T])")
+        padded_len, x2, sot = 0, x, sample_of_token.to(torch.int32).contiguous()
+    why = _device_reasons(x.device) + _dtype_reasons("x", x.dtype, x.device)
+    for p, (qp, kp) in enumerate(zip(q, k)):
+        why += _dtype_reasons(f"query[{p}]", qp.dtype, qp.device) + _dtype_reasons(f"keys[{p}]", kp.dtype, kp.device)
+    if _IMPORT_ERROR is not None:
+        why = [_IMPORT_ERROR]
+    if why:
+        raise BackendUnavailableError("triton one pass cannot run: " + "; ".join(why))
+    if A_s is not None and A_s.shape[0] == 0:
+        A_s = B_s = None
+    y, idx, val = lrp_one_pass_op(
+        x2.contiguous(), weight.contiguous(), bias, A_m.contiguous(), B_m.contiguous(),
+        None if A_s is None else A_s.contiguous(), None if B_s is None else B_s.contiguous(), list(q), list(k), w,
+        int(r), candidates, mode == "soft", sot, trainable, float(beta_m), float(beta_s), int(padded_len),
+        bool(deterministic))
+    return y.reshape(*x.shape[:-1], d_out), idx, val
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1038,7 +1038,7 @@ def collect_meta(device: torch.device, args: argparse.Namespace, argv: Sequence[
         "pclr": pclr.__version__,
         "git_commit": commit,
         "python": platform.python_version(),
-        "command": " ".join([os.path.basename(sys.argv[0]) or "pclr-bench", *argv]),
+        "command": " ".join([_program(), *argv]),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "preset": args.preset,
         "modes": list(args.modes),
@@ -1046,6 +1046,12 @@ def collect_meta(device: torch.device, args: argparse.Namespace, argv: Sequence[
         "backends": {k: v for k, v in _backend_reasons().items()},
         "env": {k: os.environ[k] for k in ("PCLR_BACKEND", "PCLR_TRITON_FWD", "TRITON_INTERPRET") if k in os.environ},
     }
+
+
+def _program() -> str:
+    """How this run was started, for the record: ``pclr``, ``python -m benchmarks.run`` or ``python -m pclr.bench``."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return {"run.py": "python -m benchmarks.run", "bench.py": "python -m pclr.bench"}.get(prog, prog or "pclr.bench")
 
 
 def _backend_reasons() -> dict[str, list[str]]:

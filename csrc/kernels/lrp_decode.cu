@@ -78,7 +78,7 @@ lrp_decode_kernel(const T* __restrict__ x, T* __restrict__ y, const int* __restr
   const int t = e / C;
   const int64_t c = static_cast<int64_t>(e % C) * kColsPerExpand + threadIdx.x;
   const int s = sot[t];
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const T** s_rows = reinterpret_cast<const T**>(smem_raw);                     // [R] row pointers (8-byte aligned)
   float* s_act = reinterpret_cast<float*>(smem_raw + sizeof(const T*) * R);     // [R] scaled activations
   // Row pointers do not depend on the shrink: gather them while it may still be running.

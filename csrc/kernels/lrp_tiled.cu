@@ -228,15 +228,16 @@ gathered_expand_kernel(const float* __restrict__ P, RowSet rows, GateRows g, Seg
 }
 
 // ---- outer: G[s, k, :] = sum_{t in s} scale(s,k) P[t, k] X[t, :] ------------------------------------------------
-// grid (ceil(N / BN), ceil(R / BM), B); K = the tokens of sample s (possibly none: the tile is then written as 0).
+// grid (B, ceil(R / BM), ceil(N / BN)): samples on x, the only dimension allowed more than 65535 blocks.
+// K = the tokens of sample s (possibly none: the tile is then written as zeros, never skipped).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 gathered_outer_kernel(const float* __restrict__ P, const T* __restrict__ X, int64_t N, GateRows g, Segments seg,
                       float* __restrict__ G) {
-  const int s = blockIdx.z;
+  const int s = blockIdx.x;
   const int R = g.n_s + g.r;
   const int m0 = blockIdx.y * BM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * BN;
   const int p_begin = seg.seg_start[s], p_end = seg.seg_start[s + 1];
   __shared__ __align__(128) unsigned char smem[TileSmem<T>::kBytes];
   __shared__ float s_scale[BM];
@@ -404,7 +405,7 @@ struct ExpandL {
 template <typename T>
 struct OuterL {
   static void run(const float* P, const void* X, int64_t N, GateRows g, Segments seg, float* G, cudaStream_t st) {
-    const dim3 grid(blocks(N, BN), blocks(g.n_s + g.r, BM), static_cast<unsigned>(seg.num_samples));
+    const dim3 grid(static_cast<unsigned>(seg.num_samples), blocks(g.n_s + g.r, BM), blocks(N, BN));
     gathered_outer_kernel<T><<<grid, kThreads, 0, st>>>(P, static_cast<const T*>(X), N, g, seg, G);
   }
 };

@@ -19,20 +19,20 @@ NORM_EPS = tl.constexpr(1e-12)
 @triton.jit
 def _part_cos(
     Q, Kp, d, stride_q, stride_k, offs_b, mask_b, offs_n, mask_n,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """cos(q[offs_b], k[offs_n]) for one query part: [BLOCK_B, BLOCK_N] fp32."""
-    dot = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    qsq = tl.zeros([BLOCK_B], dtype=tl.float32)
-    ksq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    """cos(q[offs_b], k[offs_n]) for one query part: [BLOCK_B, BLOCK_N] in ACC (fp32; fp64 for fp64 inputs)."""
+    dot = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
+    qsq = tl.zeros([BLOCK_B], dtype=ACC)
+    ksq = tl.zeros([BLOCK_N], dtype=ACC)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d
         # fp32 ieee dot: the gate ranks near-equal scores, tf32 would reorder them against the reference
         q = tl.load(Q + offs_b[:, None] * stride_q + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(ACC)
         k = tl.load(Kp + offs_n[None, :] * stride_k + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(ACC)
         dot = tl.dot(q, k, acc=dot, input_precision="ieee")
         qsq += tl.sum(q * q, axis=1)
         ksq += tl.sum(k * k, axis=0)
@@ -48,9 +48,9 @@ def gate_scores_kernel(
     stride_s, stride_q1, stride_k1, stride_q2, stride_k2,
     w1, w2,
     TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """S [B, n] fp32 (+)= w1·cos(Q1 [B, d1], K1 [n, d1]) (+ w2·cos(Q2 [B, d2], K2 [n, d2])).
+    """S [B, n] (fp32, or fp64 for fp64 inputs) (+)= w1·cos(Q1 [B, d1], K1 [n, d1]) (+ w2·cos(Q2 [B, d2], K2 [n, d2])).
 
     Grid: (cdiv(n, BLOCK_N), cdiv(B, BLOCK_B)); keys are read once per block of samples.
     """
@@ -61,10 +61,10 @@ def gate_scores_kernel(
     mask_b = offs_b < B
     mask_n = offs_n < n
     score = w1 * _part_cos(Q1, K1, d1, stride_q1, stride_k1, offs_b, mask_b, offs_n, mask_n,
-                           BLOCK_B, BLOCK_N, BLOCK_D)
+                           BLOCK_B, BLOCK_N, BLOCK_D, ACC)
     if TWO_PARTS:
         score += w2 * _part_cos(Q2, K2, d2, stride_q2, stride_k2, offs_b, mask_b, offs_n, mask_n,
-                                BLOCK_B, BLOCK_N, BLOCK_D)
+                                BLOCK_B, BLOCK_N, BLOCK_D, ACC)
     ptrs = S + offs_b[:, None] * stride_s + offs_n[None, :]
     mask = mask_b[:, None] & mask_n[None, :]
     if ACCUMULATE:
@@ -90,7 +90,7 @@ def gate_topr_kernel(
     offs = tl.arange(0, BLOCK_N)
     in_range = offs < n
     if BATCH:
-        rank = tl.zeros([BLOCK_N], dtype=tl.float32)
+        rank = tl.zeros([BLOCK_N], dtype=S.dtype.element_ty)
         for b in range(0, B):
             s = tl.load(S + b * stride_s + offs, mask=in_range, other=0.0)
             if HAS_CAND:
@@ -119,14 +119,14 @@ def gate_topr_kernel(
             if SOFT:
                 v = tl.load(S + b * stride_s + chosen, mask=mask_r, other=0.0)
             else:
-                v = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+                v = tl.full([BLOCK_R], 1.0, dtype=VAL.dtype.element_ty)
             tl.store(VAL + b * stride_out + offs_r, v, mask=mask_r)
     else:
         tl.store(IDX + pid * stride_out + offs_r, chosen, mask=mask_r)
         if SOFT:
             v = tl.load(S + pid * stride_s + chosen, mask=mask_r, other=0.0)
         else:
-            v = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
+            v = tl.full([BLOCK_R], 1.0, dtype=VAL.dtype.element_ty)
         tl.store(VAL + pid * stride_out + offs_r, v, mask=mask_r)
 
 

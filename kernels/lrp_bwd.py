@@ -27,7 +27,7 @@ def pool_grad_kernel(
     key_t, key_d,  # autotune keys: shape buckets only
     SORTED: tl.constexpr, ATOMIC: tl.constexpr, HAS_TRAIN: tl.constexpr,
     NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-sample rank-row gradient (scale ⊙ G)ᵀ·X over the sample's tokens, for one column block of X.
 
@@ -38,12 +38,12 @@ def pool_grad_kernel(
     """
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R, ACC)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=ACC)
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
@@ -78,7 +78,7 @@ def pool_grad_kernel(
 def segment_reduce_kernel(
     P, OUT, SRC, STARTS, COUNTS,
     D, stride_p, stride_out,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
     """OUT[j, :] = Σ_c P[SRC[STARTS[j] + c], :] for c < COUNTS[j], summed in a fixed order (deterministic).
 
@@ -91,7 +91,7 @@ def segment_reduce_kernel(
     mask_n = offs_n < D
     start = tl.load(STARTS + j)
     count = tl.load(COUNTS + j)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=ACC)
     for c in range(0, count):
         src = tl.load(SRC + start + c).to(tl.int64)
         acc += tl.load(P + src * stride_p + offs_n, mask=mask_n, other=0.0)
@@ -102,7 +102,7 @@ def segment_reduce_kernel(
 def segment_dval_kernel(
     G, H, DVAL, SEG_START, SEG_COUNT,
     n_s, r, stride_g, stride_dval, beta_m,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """DVAL[s, i] = beta_m · Σ_{t in sample s} G[t, n_s + i]·H[t, n_s + i]  (G = dS, H = u, sorted order).
 
@@ -112,7 +112,7 @@ def segment_dval_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < count)[:, None]

@@ -55,10 +55,10 @@ def tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
 
 
 @triton.jit
-def rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R: tl.constexpr):
+def rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     """Sample s's active ranks: lane k < n_s is shared row k, lane n_s + i is pool row idx[s, i].
 
-    Returns offs_r [BLOCK_R], is_shared, is_pool (masks), pool row (int64, 0 where unused), scale (fp32, 0 where
+    Returns offs_r [BLOCK_R], is_shared, is_pool (masks), pool row (int64, 0 where unused), scale (ACC, 0 where
     unused: lanes past R contribute nothing).
     """
     offs_r = tl.arange(0, BLOCK_R)
@@ -66,8 +66,8 @@ def rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R: tl.const
     is_m = (offs_r >= n_s) & (offs_r < n_s + r)
     i = offs_r - n_s
     row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
-    v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(tl.float32)
-    scale = tl.where(is_s, beta_s, v * beta_m)
+    v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(ACC)
+    scale = tl.where(is_s, beta_s, v * beta_m).to(ACC)
     return offs_r, is_s, is_m, row, scale
 
 
@@ -93,14 +93,14 @@ def gated_tile(
     K, N, stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_sbuf,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, S_FROM_BUF: tl.constexpr,
     K_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
     """The body shared by the expand and the one-pass kernels, once the tile's tokens and rank rows are known."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
     if K_LOOP:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -121,11 +121,11 @@ def gated_tile(
     up = load_ranks(US, UM, offs_r, row, is_s, is_m, stride_u, offs_n, mask_n)
     acc = tl.dot(sa.to(up.dtype), up, acc=acc, input_precision="ieee")
     if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     out_ptrs = OUT + tok[:, None] * stride_out + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(ACC)
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -140,6 +140,7 @@ def lrp_expand_kernel(
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, S_FROM_BUF: tl.constexpr,
     K_LOOP: tl.constexpr, SORTED: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """OUT[t, n-tile] (+)= X[t]·Wᵀ + bias + (scale ⊙ S)·Up_eff for one tile of tokens of one sample.
 
@@ -154,10 +155,10 @@ def lrp_expand_kernel(
         return
     s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
                                       SORTED, DECODE, BLOCK_M)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R, ACC)
     gated_tile(X, W, BIAS, OUT, DS, DM, US, UM, SBUF, pid_n, pos, tok, mask_m, offs_r, is_s, is_m, row, scale,
                K, N, stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_sbuf,
-               HAS_BASE, HAS_BIAS, ACCUMULATE, S_FROM_BUF, K_LOOP, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K)
+               HAS_BASE, HAS_BIAS, ACCUMULATE, S_FROM_BUF, K_LOOP, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, ACC)
 
 
 @triton.jit
@@ -168,8 +169,9 @@ def lrp_shrink_kernel(
     stride_x, stride_d, stride_idx, stride_sbuf,
     key_t, key_k,  # autotune keys: shape buckets only
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """SBUF[pos, :] = X[tok]·Down_effᵀ, unscaled fp32 [T, BLOCK_R] in sorted token order (lanes ≥ R are 0).
+    """SBUF[pos, :] = X[tok]·Down_effᵀ, unscaled ACC (fp32; fp64 for fp64 inputs) [T, BLOCK_R] in sorted token order (lanes ≥ R are 0).
 
     Used for the cuBLAS-epilogue forward and, in the backward, for both u = x·A_effᵀ and dS = dY·B_effᵀ.
     Grid: (tiles,).
@@ -179,8 +181,8 @@ def lrp_shrink_kernel(
         return
     s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, TILE_START, T,
                                       SORTED, False, BLOCK_M)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, BLOCK_R)
-    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, BLOCK_R, ACC)
+    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -237,4 +239,4 @@ def lrp_one_pass_kernel(
     scale = tl.where(is_s, beta_s, v * beta_m)
     gated_tile(X, W, BIAS, OUT, AS, AM, BS, BM, OUT, pid_n, pos, tok, mask_m, offs_r, is_s, is_m,
                row32.to(tl.int64), scale, K, N, stride_x, stride_w, 1, stride_out, stride_a, stride_b, 0,
-               True, HAS_BIAS, False, False, True, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K)
+               True, HAS_BIAS, False, False, True, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, tl.float32)

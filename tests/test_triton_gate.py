@@ -107,6 +107,15 @@ def test_gate_compiles_fullgraph():
     assert torch.equal(idx, idx_r) and torch.equal(val, val_r)
 
 
+def test_gate_float64_matches_reference():
+    q, k = _problem(3, 40, (16, 8), seed=8, dtype=torch.float64)
+    q = (q[0], q[1].float())  # mixed parts: the reference scores in fp64 as soon as one part is fp64
+    for mode in ("hard", "soft"):
+        (idx, val), (idx_r, val_r) = _both(q, k, 6, weights=(1.0, 0.25), mode=mode)
+        assert torch.equal(idx, idx_r) and val.dtype == val_r.dtype  # fp64 soft scores; hard gates are fp32 ones
+        torch.testing.assert_close(val, val_r, atol=1e-12, rtol=1e-12)
+
+
 def test_gate_fake_shapes():
     q, k = _problem(3, 20, (16,), seed=6)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -136,8 +145,7 @@ def test_not_supported_reasons_are_plain(monkeypatch):
     assert any("triton needs CUDA tensors (or TRITON_INTERPRET=1" in w for w in why)
     monkeypatch.setattr(triton_backend, "INTERPRET", True)
     assert be.not_supported_reasons("lrp_gate", inputs) == []
-    q64 = tuple(t.double() for t in q)
-    inputs64 = dispatch.GateInputs(query=q64, keys=k, weights=(1.0,), r=2, candidates=None, scope="sample",
-                                   mode="hard")
-    assert any("float64" in w for w in be.not_supported_reasons("lrp_gate", inputs64))
+    assert triton_backend._dtype_reasons("keys[0]", torch.float64, torch.device("cpu")) == []  # interpreter: numpy
+    assert any("float64" in w for w in triton_backend._dtype_reasons("keys[0]", torch.float64, torch.device("cuda")))
+    assert any("int64" in w for w in triton_backend._dtype_reasons("keys[0]", torch.int64, torch.device("cuda")))
     assert os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available()

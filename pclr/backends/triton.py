@@ -51,7 +51,7 @@ except Exception as exc:  # an absent or broken triton is a reason, never an imp
 # The interpreter is chosen when the kernels are decorated (import time), so that is the value that counts.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # + float64 under the CPU interpreter
 DECODE_MAX_T = 64  # the single-launch decode path holds all tokens in one BLOCK_M tile
 MAX_BLOCK_R = 512  # n_s + r active ranks held as one register tile
 MAX_GATE_N = 16384  # top-r holds one score row in registers
@@ -64,6 +64,13 @@ def _next_pow2(v: int) -> int:
 
 def _block_r(R: int) -> int:
     return max(16, _next_pow2(R))  # tl.dot needs every dim ≥ 16
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    """Accumulation dtype (torch, triton): fp32, or fp64 for fp64 inputs (the CPU interpreter only)."""
+    if dtype == torch.float64:
+        return torch.float64, triton.language.float64
+    return torch.float32, triton.language.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +268,8 @@ def launch_shrink(X: Tensor, Ds: Optional[Tensor], Dm: Tensor, idx: Tensor, tile
     n_s = 0 if Ds is None else Ds.shape[0]
     assert Dm.shape[1] == K and (Ds is None or Ds.shape[1] == K)
     br = _block_r(R)
-    sbuf = torch.empty((T, br), dtype=torch.float32, device=X.device)
+    acc_t, acc = _acc(X.dtype)
+    sbuf = torch.empty((T, br), dtype=acc_t, device=X.device)
     if tiles.num_tiles == 0:
         return sbuf
     tok = tiles.tok if tiles.tok is not None else tiles.tile_start
@@ -269,7 +277,7 @@ def launch_shrink(X: Tensor, Ds: Optional[Tensor], Dm: Tensor, idx: Tensor, tile
         X, _rows(Ds, Dm), Dm, idx, sbuf, tok, tiles.tile_sample, tiles.tile_start, tiles.tile_end,
         T, K, n_s, idx.shape[1], X.stride(0), Dm.stride(0), idx.stride(0), sbuf.stride(0),
         _next_pow2(T), K,
-        SORTED=tiles.tok is not None, BLOCK_M=tiles.block_m, BLOCK_R=br,
+        SORTED=tiles.tok is not None, BLOCK_M=tiles.block_m, BLOCK_R=br, ACC=acc,
     )
     return sbuf
 
@@ -318,6 +326,7 @@ def launch_expand(out: Tensor, X: Tensor, W: Optional[Tensor], w_strides: tuple[
         _next_pow2(T), K, N,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, S_FROM_BUF=sbuf is not None,
         K_LOOP=has_base or sbuf is None, SORTED=sorted_, DECODE=decode, BLOCK_M=bm, BLOCK_R=br,
+        ACC=_acc(X.dtype)[1],
     )
 
 
@@ -350,17 +359,18 @@ def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable:
     train = None if trainable is None else trainable.to(torch.int8)
     tok = tiles.tok if tiles.tok is not None else tiles.seg_start
     atomic = not deterministic
+    acc_t, acc = _acc(X.dtype)
     if atomic:
-        out = torch.zeros((n + n_s, D), dtype=torch.float32, device=X.device)
+        out = torch.zeros((n + n_s, D), dtype=acc_t, device=X.device)
     else:
-        out = torch.empty((B * br, D), dtype=torch.float32, device=X.device)
+        out = torch.empty((B * br, D), dtype=acc_t, device=X.device)
     grid = lambda meta: (B, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
     _pool_grad[grid](
         G, X, out, idx, val, train if train is not None else idx, tok, tiles.seg_start, tiles.seg_count,
         D, n, n_s, r, G.stride(0), X.stride(0), out.stride(0), idx.stride(0), float(beta_m), float(beta_s),
         _next_pow2(T), D,
         SORTED=tiles.tok is not None, ATOMIC=atomic, HAS_TRAIN=train is not None, NEED_POOL=need_pool,
-        NEED_SHARED=need_shared, BLOCK_M=tiles.block_m, BLOCK_R=br,
+        NEED_SHARED=need_shared, BLOCK_M=tiles.block_m, BLOCK_R=br, ACC=acc,
     )
     if atomic:
         return out
@@ -369,22 +379,23 @@ def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable:
     order = torch.argsort(tgt, stable=True).to(torch.int32)
     counts = torch.zeros(n + n_s + 1, dtype=torch.int64, device=X.device).scatter_add_(0, tgt, torch.ones_like(tgt))
     starts = (counts.cumsum(0) - counts).to(torch.int32)
-    rows = torch.empty((n + n_s, D), dtype=torch.float32, device=X.device)
+    rows = torch.empty((n + n_s, D), dtype=acc_t, device=X.device)
     if n + n_s:
         bn = 64 if INTERPRET else 256
         bwd_kernels.segment_reduce_kernel[(n + n_s, triton.cdiv(D, bn))](
-            out, rows, order, starts, counts.to(torch.int32), D, out.stride(0), rows.stride(0), BLOCK_N=bn,
+            out, rows, order, starts, counts.to(torch.int32), D, out.stride(0), rows.stride(0), BLOCK_N=bn, ACC=acc,
         )
     return rows
 
 
 def launch_dval(dS: Tensor, u: Tensor, tiles: Tiles, B: int, n_s: int, r: int, beta_m: float) -> Tensor:
     """dval fp32 [B, r] = beta_m · Σ_{t in s} dS ⊙ u over the pool lanes (segment sum, deterministic)."""
-    dval = torch.empty((B, r), dtype=torch.float32, device=dS.device)
+    acc_t, acc = _acc(dS.dtype)
+    dval = torch.empty((B, r), dtype=acc_t, device=dS.device)
     if B:
         bwd_kernels.segment_dval_kernel[(B,)](
             dS, u, dval, tiles.seg_start, tiles.seg_count, n_s, r, dS.stride(0), dval.stride(0), float(beta_m),
-            BLOCK_M=tiles.block_m, BLOCK_R=dS.shape[1],
+            BLOCK_M=tiles.block_m, BLOCK_R=dS.shape[1], ACC=acc,
         )
     return dval
 
@@ -489,11 +500,14 @@ def launch_gate(query: list[Tensor], keys: list[Tensor], weights: list[float], r
     """idx int32 [B, r], val fp32 [B, r]. query_p [B, d_p], keys_p [n, d_p]; candidates bool [n] | [B, n]."""
     B, n = query[0].shape[0], keys[0].shape[0]
     dev = keys[0].device
+    # the reference scores in fp64 when any part is fp64 (and returns soft val in fp64 then)
+    f64 = any(t.dtype == torch.float64 for t in list(query) + list(keys))
+    acc_t, acc = _acc(torch.float64 if f64 else torch.float32)
     idx = torch.empty((B, r), dtype=torch.int32, device=dev)
-    val = torch.empty((B, r), dtype=torch.float32, device=dev)
+    val = torch.empty((B, r), dtype=acc_t if mode == "soft" else torch.float32, device=dev)
     if B == 0 or r == 0:
         return idx, val
-    scores = torch.empty((B, n), dtype=torch.float32, device=dev)
+    scores = torch.empty((B, n), dtype=acc_t, device=dev)
     bb, bnk, bd = 16, (32 if INTERPRET else 64), 64
     q = [t.contiguous() for t in query]
     k = [t.contiguous() for t in keys]
@@ -504,7 +518,7 @@ def launch_gate(query: list[Tensor], keys: list[Tensor], weights: list[float], r
             scores, q[p], k[p], q2, k2, B, n, k[p].shape[1], k2.shape[1],
             scores.stride(0), q[p].stride(0), k[p].stride(0), q2.stride(0), k2.stride(0),
             float(weights[p]), float(weights[p + 1]) if two else 0.0,
-            TWO_PARTS=two, ACCUMULATE=p > 0, BLOCK_B=bb, BLOCK_N=bnk, BLOCK_D=bd,
+            TWO_PARTS=two, ACCUMULATE=p > 0, BLOCK_B=bb, BLOCK_N=bnk, BLOCK_D=bd, ACC=acc,
         )
     cand = None
     if candidates is not None:
@@ -524,10 +538,11 @@ def chosen_scores(query: tuple[Tensor, ...], keys: tuple[Tensor, ...], weights: 
                   idx: Tensor) -> Tensor:
     """val [B, r] = Σ_p w_p·cos(q_p[b], K_p[idx[b, k]]), differentiable: only the B·r chosen scores (cheap)."""
     i = idx.long()
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in query + keys) else torch.float32
     out = None
     for q, k, w in zip(query, keys, weights):
-        qn = F.normalize(q.float(), dim=-1)  # [B, d]
-        kn = F.normalize(k.float()[i], dim=-1)  # [B, r, d]
+        qn = F.normalize(q.to(dt), dim=-1)  # [B, d]
+        kn = F.normalize(k.to(dt)[i], dim=-1)  # [B, r, d]
         s = w * torch.einsum("bd,brd->br", qn, kn)
         out = s if out is None else out + s
     return out
@@ -549,7 +564,9 @@ def lrp_gate_op(query: list[Tensor], keys: list[Tensor], weights: list[float], r
 @lrp_gate_op.register_fake
 def _(query, keys, weights, r, candidates, scope, mode):
     B = query[0].shape[0]
-    return (keys[0].new_empty((B, r), dtype=torch.int32), keys[0].new_empty((B, r), dtype=torch.float32))
+    f64 = mode == "soft" and any(t.dtype == torch.float64 for t in list(query) + list(keys))
+    return (keys[0].new_empty((B, r), dtype=torch.int32),
+            keys[0].new_empty((B, r), dtype=torch.float64 if f64 else torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -706,6 +723,8 @@ def lrp_linear_one_pass(
             raise ValueError("packed x [T, d_in] needs sample_of_token (int [T])")
         padded_len, x2, sot = 0, x, sample_of_token.to(torch.int32).contiguous()
     why = _device_reasons(x.device) + _dtype_reasons("x", x.dtype, x.device)
+    if x.dtype == torch.float64 or any(t.dtype == torch.float64 for t in q + k):
+        why.append("the one-pass kernel computes in float32 (float16/bfloat16/float32 inputs); got float64")
     for p, (qp, kp) in enumerate(zip(q, k)):
         why += _dtype_reasons(f"query[{p}]", qp.dtype, qp.device) + _dtype_reasons(f"keys[{p}]", kp.dtype, kp.device)
     if _IMPORT_ERROR is not None:
@@ -738,6 +757,8 @@ def _device_reasons(device: torch.device) -> list[str]:
 
 
 def _dtype_reasons(name: str, dtype: torch.dtype, device: torch.device) -> list[str]:
+    if dtype == torch.float64 and device.type == "cpu":
+        return []  # numpy runs the interpreter's fp64 (accumulation in fp64 too); GPU kernels do not take fp64
     if dtype not in SUPPORTED_DTYPES:
         return [f"{name} has dtype {str(dtype).replace('torch.', '')}; triton supports float16, bfloat16, float32"]
     if device.type == "cpu" and dtype != torch.float32:
@@ -766,8 +787,6 @@ class TritonBackend:
             return why
         if op == "lrp_linear":
             why += _dtype_reasons("x", inputs.x.dtype, inputs.device)
-            if inputs.val.dtype not in (torch.float32,) + SUPPORTED_DTYPES:
-                why.append(f"val has dtype {str(inputs.val.dtype).replace('torch.', '')}; triton takes float32 gates")
             n_s = 0 if inputs.A_s is None else inputs.A_s.shape[0]
             R = n_s + inputs.idx.shape[1]
             if _block_r(R) > MAX_BLOCK_R:

@@ -127,9 +127,35 @@ __device__ __forceinline__ bool token_tile(const Segments& seg, int u, int& s, i
   return true;
 }
 
+// dst[k][i] = rows[i][k0 + k] for the BK-wide slice starting at k0 (zero past K or for a null row). This is the long
+// K loop of the shrink (K = d_in or d_out), so rows are read in 16-byte vectors (VEC elements) when the host has
+// checked that every row start is 16-byte aligned and K % VEC == 0; VEC = 1 is the general fallback.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_rows_transposed(const T* const* rows, int nrows, int64_t k0, int64_t K, T* dst,
+                                                     int ld) {
+  constexpr int kVecPerRow = BK / VEC;
+  for (int e = threadIdx.x; e < nrows * kVecPerRow; e += kThreads) {
+    const int i = e / kVecPerRow, k = (e % kVecPerRow) * VEC;
+    const T* row = rows[i];
+    if constexpr (VEC == 1) {
+      dst[k * ld + i] = (row != nullptr && k0 + k < K) ? row[k0 + k] : dev::zero<T>();
+    } else {
+      if (row != nullptr && k0 + k < K) {  // K % VEC == 0: a vector is entirely inside or entirely outside
+        const uint4 v = *reinterpret_cast<const uint4*>(row + k0 + k);
+        const T* ev = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) dst[(k + j) * ld + i] = ev[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) dst[(k + j) * ld + i] = dev::zero<T>();
+      }
+    }
+  }
+}
+
 // ---- shrink: out[t, k] = X[t] . rows_k(s) ------------------------------------------------------------------------
 // grid (tile_bound(T, B), ceil(R / BN)); K = rows.ld.
-template <typename T>
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 gathered_shrink_kernel(const T* __restrict__ X, RowSet rows, GateRows g, Segments seg, float* __restrict__ out) {
   int s, p0, count;
@@ -155,16 +181,8 @@ gathered_shrink_kernel(const T* __restrict__ X, RowSet rows, GateRows g, Segment
   mma.init();
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
     // consecutive threads read consecutive k of one row (coalesced) and write it transposed into a[k][m] / b[k][n]
-    for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
-      const int m = e / BK, k = e % BK;
-      const T* row = s_x[m];
-      a[k * LDA + m] = (row != nullptr && k0 + k < K) ? row[k0 + k] : dev::zero<T>();
-    }
-    for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
-      const int n = e / BK, k = e % BK;
-      const T* row = s_w[n];
-      b[k * LDB + n] = (row != nullptr && k0 + k < K) ? row[k0 + k] : dev::zero<T>();
-    }
+    load_rows_transposed<T, VEC>(s_x, BM, k0, K, a, LDA);
+    load_rows_transposed<T, VEC>(s_w, BN, k0, K, b, LDB);
     __syncthreads();
     mma.step(a, b);
     __syncthreads();  // operands fully consumed before the next load (and before c aliases them)
@@ -388,11 +406,18 @@ int dispatch(ScalarKind kind, Args&&... args) {
 
 unsigned blocks(int64_t total, int64_t per) { return static_cast<unsigned>((total + per - 1) / per); }
 
+bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 template <typename T>
 struct ShrinkL {
   static void run(const void* X, int64_t T_, RowSet rows, GateRows g, Segments seg, float* out, cudaStream_t st) {
     const dim3 grid(static_cast<unsigned>(tile_bound(T_, seg.num_samples)), blocks(g.n_s + g.r, BN));
-    gathered_shrink_kernel<T><<<grid, kThreads, 0, st>>>(static_cast<const T*>(X), rows, g, seg, out);
+    constexpr int kVec = 16 / sizeof(T);
+    if (rows.ld % kVec == 0 && aligned16(X) && aligned16(rows.shared) && aligned16(rows.pool)) {
+      gathered_shrink_kernel<T, kVec><<<grid, kThreads, 0, st>>>(static_cast<const T*>(X), rows, g, seg, out);
+    } else {
+      gathered_shrink_kernel<T, 1><<<grid, kThreads, 0, st>>>(static_cast<const T*>(X), rows, g, seg, out);
+    }
   }
 };
 template <typename T>

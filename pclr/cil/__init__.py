@@ -27,5 +27,7 @@ API::
 * Distributed: ``accelerate launch`` (DDP); ``batch_size`` is the global batch, split across processes.
 """
 from pclr.cil.config import CILConfig, Task, TaskPlan
+from pclr.cil.metrics import CILResults, summarize
+from pclr.cil.trainer import CILTrainer
 
-__all__ = ["CILConfig", "Task", "TaskPlan"]
+__all__ = ["CILConfig", "CILResults", "CILTrainer", "Task", "TaskPlan", "summarize"]

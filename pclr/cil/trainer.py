@@ -493,8 +493,8 @@ class CILTrainer:
                     loss_val = float(loss.detach())
                     (loss / G).backward()
                     loss_total += loss_val / G
-                    for k, v in info.items():
-                        info_acc[k] = info_acc.get(k, 0.0) + (v / G if isinstance(v, float) else 0.0)
+                    for k, v in info.items():  # floats are averaged over micro-batches, the rest logged as is
+                        info_acc[k] = info_acc.get(k, 0.0) + v / G if isinstance(v, float) else v
                 self._sync_grads(params)
                 if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

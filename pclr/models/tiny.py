@@ -102,14 +102,16 @@ def tiny_llava(hidden: int = 32, layers: int = 2, vision_hidden: int = 16, visio
     )
 
 
-def tiny_qwen2_vl(hidden: int = 32, layers: int = 2, seed: int = 0) -> Optional[ModelBundle]:
-    """A random ``Qwen2VLForConditionalGeneration`` (query-extraction tests only: the CoIN collator targets LLaVA)."""
+def tiny_qwen2_vl(hidden: int = 32, layers: int = 2, seed: int = 0) -> ModelBundle:
+    """A random ``Qwen2VLForConditionalGeneration`` (8×8 images → 4 patches → 1 merged token). For injection and
+    query tests: the CoIN collator expands ``<image>`` LLaVA-style and does not build Qwen2-VL's grid inputs."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     tok = tiny_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                 rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, rope_parameters={
                     "rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
     vision = dict(depth=2, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=4,
@@ -119,5 +121,6 @@ def tiny_qwen2_vl(hidden: int = 32, layers: int = 2, seed: int = 0) -> Optional[
                         video_token_id=tok.unk_token_id)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
     return ModelBundle(model=model, tokenizer=tok, image_size=8, image_token_id=image_token_id,
                        num_image_tokens=(8 // 4 // 2) ** 2, info={"name": "tiny-qwen2-vl", "random_init": True})

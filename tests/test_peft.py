@@ -1,0 +1,60 @@
+"""PEFT route: get_peft_model(model, PCLRConfig(...)), forward/generate routing, save_pretrained/from_pretrained."""
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from peft import PeftModel, get_peft_model  # noqa: E402
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
+
+from pclr.inject import lrp_layers, lrp_pools  # noqa: E402
+from pclr.models.tiny import tiny_llava  # noqa: E402
+from pclr.peft import PCLRConfig, PCLRModel  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _inputs(b):
+    ids = torch.tensor([[2, 5, 7, *[b.image_token_id] * b.num_image_tokens, 20, 22, 19, 6, 7]])
+    return ids, torch.randn(1, 3, b.image_size, b.image_size)
+
+
+def test_registered_in_peft_mappings():
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["PCLR"] is PCLRConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["PCLR"] is PCLRModel
+    assert PCLRConfig().peft_type == "PCLR"
+    with pytest.raises(ValueError, match="budget"):
+        PCLRConfig(r=8, budget=4)
+
+
+def test_get_peft_model_save_and_load(tmp_path):
+    b = tiny_llava()
+    ids, px = _inputs(b)
+    with torch.no_grad():
+        ref = b.model(input_ids=ids, pixel_values=px).logits
+    pm = get_peft_model(b.model, PCLRConfig(r=2, alpha=4.0, budget=16, n_init=4, n_shared=2))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids, pixel_values=px).logits, ref, rtol=0, atol=0)
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".A_m", ".B_m")) or ".keys." in n for n in trainable)
+    # train-like change, a grown pool and shared ranks: from_pretrained must resize and reproduce exactly
+    for pool in lrp_pools(pm).values():
+        pool.grow(3, task=1)
+    for layer in lrp_layers(pm).values():
+        layer.add_shared(2)
+        torch.nn.init.normal_(layer.B_m, std=0.2)
+        torch.nn.init.normal_(layer.B_s, std=0.2)
+    with torch.no_grad():
+        out = pm(input_ids=ids, pixel_values=px).logits
+    assert (out - ref).abs().max() > 1e-3
+    pm.base_model.disable_adapter_layers()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids, pixel_values=px).logits, ref, rtol=0, atol=0)
+    pm.base_model.enable_adapter_layers()
+    pm.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_llava().model, tmp_path)
+    assert [p.n for p in lrp_pools(loaded).values()] == [7, 7, 7]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, pixel_values=px).logits, out, rtol=0, atol=0)
+        gen = loaded.generate(input_ids=ids, pixel_values=px, max_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 3) or gen.shape[1] <= ids.shape[1] + 3

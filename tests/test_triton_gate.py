@@ -95,6 +95,14 @@ def test_gate_soft_gradients_reach_query_and_keys():
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
+def test_gate_hard_values_are_constants():
+    # keys are parameters in a model: a hard gate must not route a backward into the (non-differentiable) kernel
+    q, k = _problem(2, 12, (8,), seed=9)
+    kp = k[0].clone().requires_grad_(True)
+    idx, val = pclr.lrp_gate(q[0], kp, 3, backend="triton")
+    assert not val.requires_grad and torch.equal(val, torch.ones_like(val))
+
+
 def test_gate_compiles_fullgraph():
     q, k = _problem(3, 20, (16, 8), seed=5)
 

@@ -265,8 +265,11 @@ def _print_errors():
     if ERRORS and os.environ.get("PCLR_PRINT_ERRORS"):
         worst: dict = {}
         for (tag, name), e in ERRORS.items():
-            worst[name] = max(worst.get(name, 0.0), e)
-        print("\nlargest abs errors vs reference:", {k: f"{v:.2e}" for k, v in sorted(worst.items())})
+            key = "fp64" if tag.endswith("_fp64") else ("one_pass" if tag == "one_pass" else "fp32")
+            worst.setdefault(key, {})
+            worst[key][name] = max(worst[key].get(name, 0.0), e)
+        for key, errs in worst.items():
+            print(f"\nlargest abs errors vs reference [{key}]:", {k: f"{v:.2e}" for k, v in sorted(errs.items())})
 
 
 # ------------------------------------------------------------------------------------------------------------------

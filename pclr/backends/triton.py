@@ -798,8 +798,10 @@ class TritonBackend:
         return call_linear_op(lrp_linear_op, inputs)
 
     def lrp_gate(self, inputs: GateInputs) -> tuple[Tensor, Tensor]:
-        idx, val = lrp_gate_op(list(inputs.query), list(inputs.keys), [float(w) for w in inputs.weights], inputs.r,
-                               inputs.candidates, inputs.scope, inputs.mode)
+        # the kernel's outputs carry no autograd (hard gates are constants, as in the reference)
+        idx, val = lrp_gate_op([t.detach() for t in inputs.query], [t.detach() for t in inputs.keys],
+                               [float(w) for w in inputs.weights], inputs.r, inputs.candidates, inputs.scope,
+                               inputs.mode)
         if inputs.mode == "soft" and torch.is_grad_enabled() and any(
                 t.requires_grad for t in inputs.query + inputs.keys):
             # the kernel's val carries no autograd: recompute the chosen scores (B·r·d) so CE reaches the keys

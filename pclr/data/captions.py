@@ -1,0 +1,67 @@
+"""Image-caption pairs for the vision alignment stage (LLaVA stage-1 style), drawn from their own seed stream.
+
+The captions describe what the renderer draws (shapes, colours, positions, sizes, rendered words, digits, covers,
+photo quality) in plain sentences; they are not the CoIN-mini tasks' questions or answers, and the digits come only
+from the pool the ImageNet task's test split never uses.
+"""
+from __future__ import annotations
+
+import random
+
+from pclr.data import scenes
+from pclr.data.coin_mini import BOOK_TITLES, DIGIT_TEST_EVERY, GENRES, NUMBER_WORDS, SIGN_WORDS
+from pclr.data.scenes import COLOURS, SHAPES
+
+EXTRA_WORDS = ("milk", "road", "gate", "lamp", "door", "fish", "wind", "blue", "tree", "mall", "zoo", "info")
+EXTRA_TITLES = ("Snow", "Old Road", "Green Sea", "Night", "Sun Cup")
+PROMPT = "<image>\nDescribe the image briefly."
+
+
+def _where(obj: scenes.Obj, size: int) -> str:
+    cx, cy = obj.center
+    col = 0 if cx < size / 3 else (1 if cx < 2 * size / 3 else 2)
+    row = 0 if cy < size / 3 else (1 if cy < 2 * size / 3 else 2)
+    return scenes.POSITIONS_3x3[row * 3 + col]
+
+
+def caption_sample(rng: random.Random, size: int, i: int) -> dict:
+    """One CoIN-format sample with an in-memory PIL image and its caption."""
+    kind = rng.choices(["shapes", "sign", "digit", "book", "bad"], weights=[5, 2, 2, 2, 1])[0]
+    if kind == "shapes":
+        n = rng.randint(1, 3)  # short captions: every caption token costs a full 30-layer backward
+        specs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(n)]
+        objs = scenes.place_objects(rng, size, specs, sizes=(9, 12, 16, 20, 25))
+        img = scenes.scene(rng, size, objs)
+        parts = []
+        for o in sorted(objs, key=lambda o: -o.area):
+            s = o.box[2] - o.box[0]
+            adj = "small" if s < size * 0.2 else ("large" if s > size * 0.33 else "medium")
+            parts.append(f"a {adj} {o.colour} {o.shape} at the {_where(o, size)}")
+        text = f"{len(objs)} object{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
+    elif kind == "sign":
+        word = rng.choice(SIGN_WORDS + EXTRA_WORDS)
+        img = scenes.text_image(rng, size, word.upper() if rng.random() < 0.5 else word)
+        text = f"a sign with the word {word}."
+    elif kind == "digit":
+        images, labels = scenes.digits()
+        pool = [k for k in range(len(labels)) if k % DIGIT_TEST_EVERY != 0]
+        k = pool[rng.randrange(len(pool))]
+        img = scenes.digit_image(rng, size, images[k])
+        text = f"a handwritten digit {NUMBER_WORDS[int(labels[k])]}."
+    elif kind == "book":
+        title = rng.choice(BOOK_TITLES + EXTRA_TITLES)
+        genre = rng.choice(list(GENRES))
+        img = scenes.book_cover(rng, size, title, GENRES[genre])
+        text = f"a {genre} book cover with the title {title}."
+    else:
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        objs = scenes.place_objects(rng, size, [(shape, colour)], sizes=(26, 32))
+        img = scenes.obscure(rng, scenes.scene(rng, size, objs))
+        text = "a dark or blurry photo where nothing can be made out."
+    return {"id": f"align-{i}", "image": img,
+            "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": text}]}
+
+
+def caption_samples(n: int, seed: int, size: int) -> list[dict]:
+    rng = random.Random(f"pclr-align-{seed}")
+    return [caption_sample(rng, size, i) for i in range(n)]

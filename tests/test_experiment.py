@@ -1,0 +1,57 @@
+"""`pclr run` end to end on the tiny preset (data → train → eval → report files) and its bad-input handling."""
+import argparse
+import json
+
+import pytest
+
+from pclr.experiment import add_eval_arguments, add_run_arguments, eval_main, run_main
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    add_run_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PCLR_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_tiny_run_end_to_end_and_refusals(cache, capsys):
+    out = cache / "run"
+    common = ["--preset", "tiny", "--tasks", "ScienceQA,VQAv2", "--methods", "lora,pclr", "--no-progress"]
+    assert run_main(_args(*common, "--output", str(out))) == 0
+    for f in ("report.md", "metrics.json", "accuracy_matrices.png", "forgetting.png", "run.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["methods"]) == {"lora", "pclr"}
+    for r in m["methods"].values():
+        assert len(r["matrix"]) == 2 and r["matrix"][1][0] is not None
+        assert r["trainable_params_per_task"] > 0
+    assert "| PCLR |" in capsys.readouterr().out
+    before = (out / "metrics.json").read_bytes()
+    # same run again without --resume, and a different run in the same dir: refused, nothing overwritten
+    assert run_main(_args(*common, "--output", str(out))) == 2
+    assert run_main(_args(*common, "--output", str(out), "--seed", "1", "--resume")) == 2
+    assert (out / "metrics.json").read_bytes() == before
+    # resuming a finished run redoes nothing and gives the same matrices
+    assert run_main(_args(*common, "--output", str(out), "--resume")) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert [r["matrix"] for r in m2["methods"].values()] == [r["matrix"] for r in m["methods"].values()]
+    # corrupt checkpoint → exit 2
+    ckpt = next((out / "lora").rglob("*.safetensors"))
+    ckpt.write_bytes(b"not a checkpoint")
+    assert run_main(_args(*common, "--output", str(out), "--resume")) == 2
+    assert "corrupt" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    add_eval_arguments(p)
+    assert eval_main(p.parse_args([str(out), "--report-only"])) == 0
+
+
+@pytest.mark.parametrize("bad", [["--tasks", "MNIST"], ["--methods", "ewc"], ["--schedule", "x:y"]])
+def test_bad_input_exit_2(cache, bad, capsys):
+    assert run_main(_args("--preset", "tiny", "--output", str(cache / "bad"), *bad)) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (cache / "bad").exists()

@@ -10,7 +10,8 @@ from pclr import dispatch
 from lrp_cases import make_case, run_case
 
 
-def test_cpu_inputs_pick_reference():
+def test_cpu_inputs_pick_reference(monkeypatch):
+    monkeypatch.delenv("PCLR_BACKEND", raising=False)
     c = make_case()
     x2 = c.x.reshape(-1, c.x.shape[-1])
     inputs = dispatch.LinearInputs(x2, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, None, None, 1.0, 1.0,

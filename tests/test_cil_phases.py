@@ -172,3 +172,35 @@ def test_lwf_methods_run(tmp_path, method):
         assert sorted(set(ids)) == [0, 2]
     else:
         assert all(p.n == 4 for p in tr.pools)
+
+
+def test_prototype_routing_soft_gate_and_nearest_init(tmp_path):
+    cfg = small_config("pclr", epochs=2, inference_routing="prototype", nearest_init_from_task=1,
+                       lrp=LRPConfig(r=2, alpha=4.0, budget=8, n_shared=2, gate_mode="soft"))
+    tasks = synthetic_tasks(2, n_train=8)
+    tr = CILTrainer(tiny_causal_lm(), cfg, tasks, output_dir=str(tmp_path))
+    tr._phase_learn(0)
+    tr._prepare_pclr_learning(1)  # nearest-similarity init: task 1's experts start as copies of task 0's
+    for pool in tr.pools:
+        for layer in pool.layers:
+            new, old = layer.A_m[2:], layer.A_m[:2]
+            assert all(any(torch.equal(n, o) for o in old) for n in new)
+        assert pool.candidates is not None and pool.candidates.tolist() == [False, False, True, True]
+        pool.prune(torch.arange(2))  # undo; the learning phase below adds them again
+    tr._seed(1, "learn")
+    tr._phase_learn(1)
+    assert all(p.n == 4 for p in tr.pools)
+    from pclr.data.coin import CoINCollator
+
+    batch = CoINCollator(tr.bundle, "generate")(tasks[0].test[:3])
+    model_in, rest = tr._split(batch)
+    tr._set_inference_routing()
+    with torch.no_grad(), tr._route(model_in, rest, inference=True) as st:
+        tr.model(**model_in)
+    for pool in tr.pools:
+        idx, _ = st.cache[id(pool)]
+        options = [pool.gate(tuple(p.unsqueeze(0) for p in tr.prototypes[t][tr.pools.index(pool)]))[0][0].tolist()
+                   for t in (0, 1)]
+        assert all(row in options for row in idx.tolist())
+    acc = tr.evaluate([0, 1])
+    assert set(acc) == {0, 1}

@@ -283,7 +283,7 @@ class CILTrainer:
         layers = [l for l in lrp_layers(self.model).values() if l.n]
         params = [p for l in layers for p in (l.A_m, l.B_m)]
         use_qk = not self.lora and cfg.lambda_qk > 0
-        if use_qk:
+        if not self.lora and (use_qk or self.lrp_config.gate_mode == "soft"):  # soft gates: CE reaches the keys
             params += [k for pool in self.pools for k in pool.keys]
 
         def loss_fn(batch: dict) -> tuple[Tensor, dict]:

@@ -111,6 +111,7 @@ class QueryExtractor:
         if self.projector is not None:
             self._handles.append(self.projector.register_forward_pre_hook(self._projector_pre_hook))
         self._has: Optional[Tensor] = None  # bool [B] of the current routing context
+        self._active: Optional[RoutingState] = None  # the routing state this extractor opened last
         if auto:
             self._handles.append(model.register_forward_pre_hook(self._auto_pre, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._auto_post, always_call=True))
@@ -148,8 +149,8 @@ class QueryExtractor:
         from pclr.inject import POOL_ATTR
 
         pool, state = getattr(module, POOL_ATTR, None), current_routing()
-        if pool is None or state is None or id(pool) in state.cache or not args or self._has is None:
-            return
+        if pool is None or state is None or state is not self._active or id(pool) in state.cache or not args:
+            return  # another extractor's (or a hand-made) routing context: not ours to fill
         n_img = args[0].shape[0]
         rows = self._has.nonzero().flatten()
         if rows.numel() and n_img % rows.numel() == 0:
@@ -218,7 +219,11 @@ class QueryExtractor:
               instruction_mask: Optional[Tensor] = None, has_image: Optional[Tensor] = None) -> Iterator[RoutingState]:
         """Routing context for forwards/generation of this batch (input_ids [B, L], masks [B, L], has_image [B])."""
         with routing(self.query_fn(input_ids, attention_mask, instruction_mask, has_image)) as state:
-            yield state
+            outer, self._active = self._active, state
+            try:
+                yield state
+            finally:
+                self._active = outer
 
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                  instruction_mask: Optional[Tensor] = None, has_image: Optional[Tensor] = None, **kwargs: Any):
@@ -238,7 +243,7 @@ class QueryExtractor:
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             raise RuntimeError("a cached decoding step ran without a routing context: the query must come from the "
                                "prompt; use QueryExtractor.generate(...) or wrap generate in QueryExtractor.route(...)")
-        ctx = routing(self.query_fn(input_ids, kwargs.get("attention_mask")))
+        ctx = self.route(input_ids, kwargs.get("attention_mask"))
         ctx.__enter__()
         self._auto_stack.append(ctx)
 

@@ -24,7 +24,26 @@ API::
 * ``CILTrainer.run(resume=True)`` continues after a crash at the right task and phase from ``output_dir/ckpt``.
 * ``CILTrainer.evaluate(task_ids) -> {task_id: accuracy}``, ``CILTrainer.model`` (the injected model),
   ``CILTrainer.accelerator``. Callbacks: ``CILConfig.on_step(trainer, task, phase, step)`` (e.g. early stop / tests).
-* Distributed: ``accelerate launch`` (DDP); ``batch_size`` is the global batch, split across processes.
+* Methods: "pclr" (CIL), "pclr_lwf" (LwF inside groups of ``lwf_group_size`` tasks, CIL between groups), "lora"
+  (sequential fine-tuning of one LoRA: a pool of r experts, all always chosen) and "lora_lwf" (LoRA + LwF).
+* Schedules (:mod:`pclr.cil.schedule`): "coin8" = the paper's 8-task schedule (budget 256, r 64), "auto" = derived
+  from budget and task count (n_new = max(r, budget // 4), compression frees exactly what a task adds), or a list of
+  ``TaskPlan(n_new, keep, add_shared)``; every schedule is simulated against the budget before training.
+* Other models: ``pclr.inject_lrp(model, LRPConfig(...))`` + ``pclr.query.QueryExtractor(model)`` give the routed
+  model without the trainer; ``pclr.peft.PCLRConfig`` is the PEFT route.
+
+Distributed training::
+
+    accelerate launch --num_processes 8 -m pclr run ...      # or: accelerate launch my_script.py
+    # CPU test setup: 2 processes, gloo (tests/test_cil_ddp.py)
+
+``batch_size`` is the global batch; each process takes every N-th sample of it. Only LRP tensors train (a few
+million parameters for a 7B model), so the trainer keeps a full replica of the frozen base model per process and sums
+the LRP gradients with one flat all-reduce per step; losses are normalised by global token/sample counts, so N
+processes compute the same update as one (up to float summation order). The model is not wrapped in DDP/FSDP
+because the pools change shape between phases (grow, compress). For a 7B base in bf16 (~14 GB) one replica per
+80 GB GPU fits; the paper's DeepSpeed ZeRO-2 setup shards optimizer state and gradients, which here are the small
+LRP tensors only, so it would save little; FSDP/ZeRO-3 sharding of the frozen base is not supported.
 """
 from pclr.cil.config import CILConfig, Task, TaskPlan
 from pclr.cil.metrics import CILResults, summarize

@@ -53,3 +53,23 @@ def test_collator_labels_only_answers_and_instruction_mask():
     torch.testing.assert_close(out["pixel_values"][0, :, 0, 0], expect)
     gen = CoINCollator(b, "generate")(samples)
     assert gen["answers"] == ["red", "a circle"] and gen["attention_mask"][1, 0] == 0  # left padded
+
+
+def test_coin_json_with_image_root(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from pclr.data.coin import CoINDataset
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 24), (0, 0, 255)).save(tmp_path / "img" / "a.png")
+    data = [{"id": "x", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat color ?"},
+                                                            {"from": "gpt", "value": "blue"}]}]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    ds = CoINDataset(str(tmp_path / "train.json"), image_root=str(tmp_path / "img"))
+    b = tiny_llava()
+    out = CoINCollator(b, "train")([ds[0]])
+    expect = (torch.tensor([0.0, 0, 1]) - torch.tensor(b.image_mean)) / torch.tensor(b.image_std)
+    torch.testing.assert_close(out["pixel_values"][0, :, 5, 5], expect)
+    assert out["has_image"].tolist() == [True]

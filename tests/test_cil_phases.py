@@ -49,6 +49,8 @@ def test_learning_leaves_old_experts_bit_identical(tmp_path):
             assert torch.equal(p, base[n]), n
     assert all(p.n == 4 for p in lrp_pools(tr.model).values())  # auto schedule: 2 experts per task
     assert set(tr.prototypes) == {0, 1}
+    acc = tr.evaluate([0, 1])  # generation with images through the routed LLaVA
+    assert set(acc) == {0, 1} and all(0.0 <= a <= 100.0 for a in acc.values())
 
 
 def _kl_on_batch(tr, teacher, batch, task):

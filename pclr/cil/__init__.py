@@ -34,7 +34,7 @@ API::
 
 Distributed training::
 
-    accelerate launch --num_processes 8 -m pclr run ...      # or: accelerate launch my_script.py
+    accelerate launch --num_processes 8 train.py     # train.py builds a CILTrainer and calls run()
     # CPU test setup: 2 processes, gloo (tests/test_cil_ddp.py)
 
 ``batch_size`` is the global batch; each process takes every N-th sample of it. Only LRP tensors train (a few

@@ -12,8 +12,11 @@ PEFT knows its methods through the ``PeftType`` enum, which has no member for th
 the member ``PeftType.PCLR`` to the enum (the only way ``peft.utils.register_peft_method`` accepts a name) and then
 fills ``PEFT_TYPE_TO_CONFIG_MAPPING`` / ``PEFT_TYPE_TO_TUNER_MAPPING`` / ``PEFT_TYPE_TO_PREFIX_MAPPING`` through it.
 The LRP layers are not ``BaseTunerLayer`` subclasses (their pools are shared per decoder layer), so the tuner selects
-and remaps its state-dict entries itself. One adapter per model: PEFT's multi-adapter switching does not apply to a
-pool whose size changes over tasks.
+and remaps its state-dict entries itself. Consequences: one adapter per model (PEFT's multi-adapter switching does
+not apply to a pool whose size changes over tasks); ``PeftModel.disable_adapter()`` raises inside PEFT (its status
+introspection only counts ``BaseTunerLayer`` modules) — use ``model.base_model.disable_adapter_layers()`` /
+``enable_adapter_layers()``; ``merge_and_unload`` is undefined for a routed pool (merge one fixed route per task with
+``FusedLRPLinear.merge``); ``inject_adapter_in_model`` is refused (the key pools are state shared across layers).
 """
 from __future__ import annotations
 
@@ -109,7 +112,7 @@ class PCLRModel(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
         from pclr.query import QueryExtractor
 
-        if any(isinstance(m, type(p)) for p in lrp_pools(model).values() for m in [p]):
+        if lrp_pools(model):
             raise ValueError("the model already holds LRP layers; PCLR supports one adapter per model")
         cfg: PCLRConfig = self.peft_config[adapter_name]
         inject_lrp(model, cfg.to_lrp_config(), cfg.query_dims, projector=cfg.projector)
@@ -139,8 +142,11 @@ class PCLRModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """PeftModel enters this around its forward/generate: open the routing context of the batch."""
-        with self._route(dict(kwargs)):
+        """PeftModel enters this around its forward/generate: open the routing context of the batch. Task-specific
+        PeftModels (e.g. CAUSAL_LM) pass input_ids separately; then PCLRModel.forward/generate open it instead."""
+        from contextlib import nullcontext
+
+        with self._route(dict(kwargs)) if kwargs.get("input_ids") is not None else nullcontext():
             yield
 
     def forward(self, *args: Any, **kwargs: Any):

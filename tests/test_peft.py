@@ -58,3 +58,17 @@ def test_get_peft_model_save_and_load(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids, pixel_values=px).logits, out, rtol=0, atol=0)
         gen = loaded.generate(input_ids=ids, pixel_values=px, max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, ids.shape[1] + 3) or gen.shape[1] <= ids.shape[1] + 3
+
+
+def test_causal_lm_task_type_trains_and_generates():
+    from pclr.models.tiny import tiny_causal_lm
+
+    pm = get_peft_model(tiny_causal_lm().model, PCLRConfig(r=2, budget=8, n_init=2, task_type="CAUSAL_LM"))
+    ids = torch.tensor([[2, 5, 20, 22, 6, 7]])
+    out = pm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith((".A_m", ".B_m")) for n in grads)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.endswith(".B_m"))
+    with torch.no_grad():
+        assert pm.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, 9)

@@ -89,12 +89,20 @@ class QueryExtractor:
         image_token_id: placeholder id excluded from the text query (default: ``model.config.image_token_id``).
         auto: also open a routing context automatically around plain ``model(...)`` calls made outside one (the
             text query then uses every attended non-image token; use :meth:`route` for instruction masks).
+
+    Query parts follow the key pools of an injected model: (q_text, q_vis) for multimodal models, (q_text,) for a
+    text-only model (the same scores as a zero vision part), or (q_text, 0) when a text-only model was injected with
+    query_dims=(d_text, d_vision).
     """
 
     def __init__(self, model: nn.Module, image_token_id: Optional[int] = None, auto: bool = False):
         self.model = model
         self.image_token_id = image_token_id if image_token_id is not None else _image_token_id(model)
-        self.query_dims = infer_query_dims(model)
+        from pclr.inject import lrp_pools
+
+        pools = list(lrp_pools(model).values())
+        # an injected model fixes the parts (a text-only model may carry a zero vision part: (d_text, d_vision))
+        self.query_dims = pools[0].query_dims if pools else infer_query_dims(model)
         self.tower = find_vision_tower(model)
         self._features: list[Tensor] = []  # per image, [d_v], from the vision pass of the current forward
         self._grid: Optional[Tensor] = None  # Qwen2-VL: grid_thw [N_img, 3] of the current vision pass

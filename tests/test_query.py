@@ -130,3 +130,15 @@ def test_qwen2_vl_query_mean_of_patches():
     h.remove()
     torch.testing.assert_close(st.query[1][0], F.normalize(feats["x"].float().mean(0), dim=-1))
     assert torch.count_nonzero(st.query[1][1]) == 0
+
+
+def test_text_only_model_with_a_zero_vision_part():
+    b = tiny_causal_lm()
+    inject_lrp(b.model, LRPConfig(r=2, budget=8), query_dims=(32, 16))
+    for pool in lrp_pools(b.model).values():
+        pool.grow(2)
+    qx = QueryExtractor(b.model)
+    ids = torch.tensor([[2, 5, 20, 22, 6, 7]])
+    with torch.no_grad(), qx.route(ids) as st:
+        b.model(input_ids=ids)
+    assert [tuple(q.shape) for q in st.query] == [(1, 32), (1, 16)] and torch.count_nonzero(st.query[1]) == 0

@@ -1,7 +1,7 @@
 """Put LoRA rank pools into a Hugging Face model: target Linears → ``FusedLRPLinear``, one ``KeyPool`` per layer.
 
     model = inject_lrp(model, LRPConfig(r=64, budget=256))
-    pools = lrp_pools(model)          # {"model.language_model.layers.0": KeyPool, ..., "model.multi_modal_projector": ...}
+    pools = lrp_pools(model)   # {"model.language_model.layers.0": KeyPool, ..., "model.multi_modal_projector": ...}
 
 Each decoder layer gets one key pool (registered as ``layer.lrp_key_pool``) shared by all its target linears; the
 multimodal projector gets its own. The model's own weights are frozen; only pools, keys and shared ranks can train.

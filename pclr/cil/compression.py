@@ -74,7 +74,7 @@ def keep_by_index(pool: KeyPool, n_keep: int) -> Tensor:
 @torch.no_grad()
 def expert_importance(pool: KeyPool) -> Tensor:
     """importance[j] = Σ over the pool's linears of ‖A_m[j]‖·‖B_m[j]‖ / mean_j(‖A_m[j]‖·‖B_m[j]‖), fp32 [n]
-    (each linear normalised so wide layers do not dominate)."""
+    (each linear is normalised by its mean so wide layers do not dominate)."""
     score = torch.zeros(pool.n, device=pool.trainable.device)
     for layer in pool.layers:
         s = layer.A_m.float().norm(dim=1) * layer.B_m.float().norm(dim=1)

@@ -53,8 +53,9 @@ class CILConfig:
     method: str = field(default="pclr", metadata={"help": "'lora' | 'lora_lwf' | 'pclr' | 'pclr_lwf'."})
     lrp: LRPConfig = field(default_factory=LRPConfig, metadata={"help": "Pool/gate settings (r, alpha, budget, ...)."})
     schedule: Union[str, Sequence[TaskPlan], None] = field(
-        default="auto", metadata={"help": "'coin8' (the paper's 8-task schedule), 'auto' (derived from budget and task "
-                                          "count) or a list of TaskPlan / dicts, one per task (per group for pclr_lwf)."})
+        default="auto", metadata={"help": "'coin8' (the paper's 8-task schedule), 'auto' (derived from budget and "
+                                          "task count) or a list of TaskPlan / dicts, one per task (per group for "
+                                          "pclr_lwf)."})
     compression: Optional[str] = field(
         default="index", metadata={"help": "'index' (drop every k-th, reference), 'importance' (|a_j||b_j|), "
                                            "'redundancy'; None = never compress (growing-pool ablation)."})

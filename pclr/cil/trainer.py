@@ -27,7 +27,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -46,7 +45,6 @@ from pclr.data.coin import CoINCollator, load_coin_json, split_batch
 from pclr.inject import POOL_ATTR, inject_lrp, load_lrp_state_dict, lrp_layers, lrp_pools, lrp_state_dict
 from pclr.models.bundle import ModelBundle
 from pclr.query import QueryExtractor
-from pclr.routing import routing
 
 PHASES = ("compress", "integrate", "learn", "eval")
 CKPT_NAME = "checkpoint.safetensors"

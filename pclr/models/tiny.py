@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import string
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 

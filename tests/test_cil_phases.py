@@ -206,3 +206,19 @@ def test_prototype_routing_soft_gate_and_nearest_init(tmp_path):
         assert all(row in options for row in idx.tolist())
     acc = tr.evaluate([0, 1])
     assert set(acc) == {0, 1}
+
+
+@pytest.mark.parametrize("routing", ["topr", "prototype"])
+def test_llava_end_to_end_with_mixed_batches(tmp_path, routing):
+    tasks = synthetic_tasks(3, n_train=8, with_images=True)
+    for s in tasks[1].train[::2] + tasks[1].test[::2]:  # task 1 mixes samples with and without an image
+        s.pop("image")
+        s["conversations"][0]["value"] = s["conversations"][0]["value"].replace("<image>\n", "")
+    cfg = small_config("pclr", epochs=1, lrp=LRPConfig(r=2, alpha=4.0, budget=4, n_shared=2), integration_steps=2,
+                       schedule=[TaskPlan(2), TaskPlan(2), TaskPlan(2, keep=0.5, add_shared=True)],
+                       inference_routing=routing, nearest_init_from_task=1, eval_batch_size=3)
+    tr = CILTrainer(tiny_llava(), cfg, tasks, output_dir=str(tmp_path))
+    res = tr.run()
+    assert all(not math.isnan(res.matrix[i][j]) for i in range(3) for j in range(i + 1))
+    assert set(res.extra["experts"].values()) == {4}
+    assert "model.multi_modal_projector" in res.extra["experts"]

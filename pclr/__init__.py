@@ -2,24 +2,50 @@
 
 Public API::
 
-    pclr.lrp_gate(query, keys, r, ...)           -> idx int32 [B, r], val fp32 [B, r]
-    pclr.lrp_linear(x, W, b, A_m, B_m, idx, val, ...) -> y
+    pclr.lrp_gate(query, keys, r, ...)                 -> idx int32 [B, r], val fp32 [B, r]
+    pclr.lrp_linear(x, W, b, A_m, B_m, idx, val, ...)  -> y
     pclr.FusedLRPLinear, pclr.KeyPool, pclr.routing, pclr.LRPConfig
-    pclr.backends()                              -> {name: [reasons it cannot run here]}
+    pclr.inject_lrp(model, config), pclr.QueryExtractor(model)      (model integration)
+    pclr.CILTrainer, pclr.CILConfig, pclr.Task, pclr.TaskPlan       (the continual-learning trainer)
+    pclr.backends()                                    -> {name: [reasons it cannot run here]}
+
+Model integration and the trainer are imported on first use (they pull in transformers and accelerate), so
+``import pclr`` stays light for users of the layer and the kernels only. The PEFT route is ``pclr.peft``.
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from pclr.config import LRPConfig
 from pclr import backends
+from pclr.config import LRPConfig
 from pclr.dispatch import BackendUnavailableError
 from pclr.functional import lrp_gate, lrp_linear
 from pclr.modules import FusedLRPLinear, KeyPool
 from pclr.routing import routing
 from pclr.validation import set_validation
 
+_LAZY = {
+    "inject_lrp": "pclr.inject", "lrp_pools": "pclr.inject", "lrp_layers": "pclr.inject",
+    "QueryExtractor": "pclr.query",
+    "CILTrainer": "pclr.cil", "CILConfig": "pclr.cil", "CILResults": "pclr.cil", "Task": "pclr.cil",
+    "TaskPlan": "pclr.cil",
+}
+
 __all__ = [
     "__version__", "LRPConfig", "BackendUnavailableError", "backends", "lrp_gate", "lrp_linear",
-    "FusedLRPLinear", "KeyPool", "routing", "set_validation",
+    "FusedLRPLinear", "KeyPool", "routing", "set_validation", *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # cache: later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'pclr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

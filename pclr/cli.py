@@ -74,8 +74,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                        description="Show versions, the device and which backends can run here.")
     p.set_defaults(func=info_main)
     for name, (mod, add_fn, main_fn, help_text) in _SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if name != command:
             continue
         try:

@@ -19,3 +19,11 @@ def test_pclr_kernels_is_importable():
     import pclr.kernels
 
     assert os.path.basename(os.path.dirname(pclr.kernels.__file__)) == "kernels"
+
+
+def test_public_api_exports_resolve():
+    import pclr
+
+    for name in pclr.__all__:
+        assert getattr(pclr, name) is not None, name
+    assert callable(pclr.backends) and callable(pclr.inject_lrp) and callable(pclr.CILTrainer)

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from pclr.config import DEFAULT_TARGET_MODULES, LRPConfig

@@ -12,7 +12,6 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 _local = threading.local()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Optional
 
 import numpy as np
 

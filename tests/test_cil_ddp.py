@@ -11,7 +11,6 @@ from pclr.cil import CILTrainer
 from pclr.inject import lrp_state_dict
 from pclr.models.tiny import tiny_causal_lm
 
-torch.set_num_threads(1)
 
 
 def _free_port() -> int:

@@ -14,7 +14,6 @@ from pclr.inject import lrp_layers, lrp_pools
 from pclr.models.tiny import tiny_causal_lm, tiny_llava
 from pclr.modules import FusedLRPLinear, KeyPool
 
-torch.set_num_threads(1)
 
 
 def _rows(trainer, task):

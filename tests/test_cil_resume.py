@@ -9,7 +9,6 @@ from pclr.cil import CILTrainer, TaskPlan
 from pclr.inject import lrp_state_dict
 from pclr.models.tiny import tiny_causal_lm
 
-torch.set_num_threads(1)
 
 
 class Crash(RuntimeError):

@@ -8,7 +8,6 @@ from pclr.inject import (POOL_ATTR, decoder_layers, inject_lrp, load_lrp_state_d
 from pclr.models.tiny import tiny_causal_lm, tiny_llava
 from pclr.query import QueryExtractor
 
-torch.set_num_threads(1)
 CFG = LRPConfig(r=2, alpha=4.0, budget=8, n_shared=2)
 
 

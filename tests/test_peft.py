@@ -10,7 +10,6 @@ from pclr.inject import lrp_layers, lrp_pools  # noqa: E402
 from pclr.models.tiny import tiny_llava  # noqa: E402
 from pclr.peft import PCLRConfig, PCLRModel  # noqa: E402
 
-torch.set_num_threads(1)
 
 
 def _inputs(b):

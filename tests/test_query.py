@@ -9,7 +9,6 @@ from pclr.inject import inject_lrp, lrp_layers, lrp_pools
 from pclr.models.tiny import tiny_causal_lm, tiny_llava, tiny_qwen2_vl
 from pclr.query import QueryExtractor
 
-torch.set_num_threads(1)
 
 
 def _llava():

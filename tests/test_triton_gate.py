@@ -67,7 +67,7 @@ def test_gate_candidates(scope, per_sample):
 
 def test_gate_ties_go_to_lower_index():
     # duplicated keys give bit-equal scores: the reference's stable sort keeps the lower index first
-    n, r = 24, 10
+    r = 10  # of n = 24 experts (12 keys, each twice)
     q, k = _problem(3, 12, (20,), seed=3)
     keys = torch.cat([k[0], k[0]])  # experts j and j + 12 tie
     for scope in ("sample", "batch"):

@@ -22,7 +22,6 @@ here; the kernels only change how many passes over memory they take.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional

@@ -22,8 +22,12 @@ from typing import Any, Optional, Protocol
 import torch
 
 BACKEND_NAMES = ("reference", "triton", "cuda")
-# Priority when nothing is forced: fused kernels first, the reference last (it runs everywhere).
-_PRIORITY = ("cuda", "triton", "reference")
+# Priority when nothing is forced: fused kernels first, the reference last (it runs everywhere). Triton leads for
+# prefill/training and the gate; the CUDA kernels lead at decode, where a JIT-free single launch matters most
+# (DECODE_MAX_TOKENS, the same bound as the decode paths of both fused backends).
+_PRIORITY = ("triton", "cuda", "reference")
+_DECODE_PRIORITY = ("cuda", "triton", "reference")
+DECODE_MAX_TOKENS = 64
 _MODULES = {name: f"pclr.backends.{name}" for name in BACKEND_NAMES}
 
 
@@ -136,7 +140,7 @@ def select(op: str, inputs: Any, backend: Optional[str] = None) -> Backend:
                 + " (unset PCLR_BACKEND / backend= to let dispatch choose)"
             )
         return get_backend(name)
-    for cand in _PRIORITY:
+    for cand in priority(op, inputs):
         # Fused backends are picked automatically only for CUDA tensors: on CPU they could only run through the
         # Triton interpreter (a debugging tool, orders of magnitude slower than the reference).
         if cand != "reference" and inputs.device.type != "cuda":
@@ -144,6 +148,13 @@ def select(op: str, inputs: Any, backend: Optional[str] = None) -> Backend:
         if not reasons(cand, op, inputs):
             return get_backend(cand)
     raise BackendUnavailableError(f"no pclr backend can run {op}")  # unreachable: the reference runs everywhere
+
+
+def priority(op: str, inputs: Any) -> tuple[str, ...]:
+    """Backends to try, in order, for ``op`` on ``inputs`` when none is forced."""
+    if op == "lrp_linear" and inputs.x.shape[0] <= DECODE_MAX_TOKENS:
+        return _DECODE_PRIORITY
+    return _PRIORITY
 
 
 def available_backends() -> dict[str, list[str]]:

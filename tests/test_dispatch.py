@@ -61,3 +61,14 @@ def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "pclr", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("info", "run", "eval", "bench"):
         assert cmd in out
+
+
+def test_priority_prefers_cuda_at_decode_triton_otherwise():
+    small, big = make_case(B=4, L=1), make_case(B=4, L=32)
+    as_inputs = lambda c: dispatch.LinearInputs(  # noqa: E731
+        c.x.reshape(-1, c.x.shape[-1]), c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, None, None, 1.0, 1.0,
+        torch.zeros(c.x.shape[0] * c.x.shape[1], dtype=torch.int32), None)
+    assert dispatch.priority("lrp_linear", as_inputs(small))[0] == "cuda"
+    assert dispatch.priority("lrp_linear", as_inputs(big))[0] == "triton"
+    assert dispatch.priority("lrp_gate", None)[0] == "triton"
+    assert all(p[-1] == "reference" for p in (dispatch.priority("lrp_linear", as_inputs(big)),))

@@ -63,7 +63,23 @@ def _matches(rel_name: str, targets: Union[str, Sequence[str]]) -> bool:
     return any(rel_name == t or rel_name.endswith("." + t) for t in targets)
 
 
-def _plan(model: nn.Module, config: LRPConfig, projector: bool) -> list[tuple[str, nn.Module, list[str]]]:
+def _select_layers(units: list, layers: Optional[Sequence[int]]) -> list:
+    """The decoder layers named by index in ``layers`` (negative indices count from the top), in model order."""
+    if layers is None:
+        return units
+    n = len(units)
+    picked = set()
+    for i in layers:
+        if not -n <= int(i) < n:
+            raise ValueError(f"layers: index {i} out of range for {n} decoder layers")
+        picked.add(int(i) % n)
+    if not picked:
+        raise ValueError("layers is empty")
+    return [u for k, u in enumerate(units) if k in picked]
+
+
+def _plan(model: nn.Module, config: LRPConfig, projector: bool,
+          layers: Optional[Sequence[int]] = None) -> list[tuple[str, nn.Module, list[str]]]:
     """[(unit name, unit module, [relative names of the Linears to wrap])] — computed before anything changes."""
     targets = config.target_modules
     if isinstance(targets, str):
@@ -73,7 +89,7 @@ def _plan(model: nn.Module, config: LRPConfig, projector: bool) -> list[tuple[st
             raise ValueError(f"target_modules regex {targets!r} does not compile: {e}") from None
     elif not targets:
         raise ValueError("target_modules is empty")
-    units = decoder_layers(model)
+    units = _select_layers(decoder_layers(model), layers)
     plan, seen_suffixes = [], set()
     for uname, unit in units:
         wrap = []
@@ -114,7 +130,8 @@ def _example_names(units) -> list[str]:
 
 
 def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims: Optional[Sequence[int]] = None,
-               *, projector: bool = True, freeze: bool = True) -> nn.Module:
+               *, projector: bool = True, freeze: bool = True,
+               layers: Optional[Sequence[int]] = None) -> nn.Module:
     """Replace the target Linears of ``model`` in place by ``FusedLRPLinear`` and return ``model``.
 
     Args:
@@ -124,6 +141,9 @@ def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims:
         query_dims: size of each query part; default (d_text, d_vision) from :func:`pclr.query.infer_query_dims`.
         projector: also wrap every Linear of the multimodal projector (with its own key pool).
         freeze: freeze all the model's own parameters (only pools, keys and shared ranks can train).
+        layers: indices of the decoder layers that get LRP (negative = from the top, e.g. ``range(-4, 0)`` for the
+            top four); default all. Layers below the lowest adapted one stay plain, so their outputs can be cached
+            (:mod:`pclr.models.prefix_cache`).
 
     Raises ValueError before anything changes if a target module is unknown or not a Linear.
     """
@@ -131,7 +151,7 @@ def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims:
 
     config = config or LRPConfig()
     query_dims = tuple(query_dims) if query_dims is not None else infer_query_dims(model)
-    plan = _plan(model, config, projector)
+    plan = _plan(model, config, projector, layers)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -109,3 +109,13 @@ def test_lrp_state_round_trip_with_resized_pools():
     with torch.no_grad(), q2.route(ids):
         y2 = other.model(input_ids=ids).logits
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_layers_option_injects_only_the_chosen_decoder_layers():
+    b = tiny_llava()
+    layers = [n for n, _ in decoder_layers(b.model)]
+    inject_lrp(b.model, CFG, projector=False, layers=range(-2, 0))
+    assert list(lrp_pools(b.model)) == layers[-2:]
+    assert not any(n.startswith(tuple(l + "." for l in layers[:-2])) for n in lrp_layers(b.model))
+    with pytest.raises(ValueError, match="out of range"):
+        inject_lrp(tiny_llava().model, CFG, layers=[99])

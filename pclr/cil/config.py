@@ -68,6 +68,10 @@ class CILConfig:
     nearest_init_from_task: Optional[int] = field(
         default=None, metadata={"help": "From this task index on (0-based; reference: 4), new experts copy the most "
                                         "similar old experts (nearest-similarity init)."})
+    key_init: str = field(
+        default="random", metadata={"help": "Keys of a task's new experts: 'random' (normalised Gaussian, reference) "
+                                            "or 'task_query' (the task's normalised mean query, SPEC §1; routing "
+                                            "works from the first step, which matters when tasks get few steps)."})
     lambda_qk: float = field(default=0.2, metadata={"help": "Weight of the query-key loss L_qk while learning."})
     qk_loss: str = field(default="cos", metadata={"help": "'cos' (mean 1 - cos, reference) or 'paper' (top-r L1)."})
     inference_routing: str = field(
@@ -85,6 +89,13 @@ class CILConfig:
     lwf_group_size: int = field(default=2, metadata={"help": "pclr_lwf: tasks per group (LwF inside, CIL between)."})
     lora_rank: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA baselines (default lrp.r)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Generation length at evaluation."})
+    eval_mode: str = field(
+        default="generate", metadata={"help": "'generate': greedy generation, then the task's scorer. 'forced': one "
+                                              "teacher-forced forward per batch; a sample counts as correct iff the "
+                                              "argmax at every answer position (end token included) is the gold "
+                                              "token, i.e. iff greedy decoding returns the gold answer verbatim (a "
+                                              "lower bound of 'generate' for lenient scorers); samples of "
+                                              "partial-credit scorers (grounding) that fail it are generated."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap per task (debug / quick runs)."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Cap per task at evaluation."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate training sequences to this length."})
@@ -108,6 +119,10 @@ class CILConfig:
             self.compression = None
         if self.qk_loss not in ("cos", "paper"):
             raise ValueError(f"CILConfig.qk_loss must be 'cos' or 'paper', got {self.qk_loss!r}")
+        if self.key_init not in ("random", "task_query"):
+            raise ValueError(f"CILConfig.key_init must be 'random' or 'task_query', got {self.key_init!r}")
+        if self.eval_mode not in ("generate", "forced"):
+            raise ValueError(f"CILConfig.eval_mode must be 'generate' or 'forced', got {self.eval_mode!r}")
         if self.inference_routing not in ("topr", "prototype"):
             raise ValueError(f"CILConfig.inference_routing must be 'topr' or 'prototype', got "
                              f"{self.inference_routing!r}")

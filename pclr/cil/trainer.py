@@ -171,32 +171,73 @@ class CILTrainer:
 
     @torch.no_grad()
     def evaluate(self, task_ids: Sequence[int]) -> dict[int, float]:
-        """Accuracy (0-100) on each task's test set with the current model (generation, CoIN scoring)."""
+        """Accuracy (0-100) on each task's test set with the current model (CoIN scoring; ``config.eval_mode``)."""
         model = self.model
         was_training = model.training
         model.eval()
         self._set_inference_routing()
-        collate = CoINCollator(self.bundle, mode="generate")
-        tok = self.bundle.tokenizer
         out = {}
         for j in task_ids:
             samples = self.test_data[j][self.rank:: self.world]
-            scores = []
-            for i in range(0, len(samples), self.config.eval_batch_size):
-                batch = collate([self._with_root(s, j) for s in samples[i: i + self.config.eval_batch_size]])
-                model_in, rest = split_batch(batch)
-                model_in = {k: v.to(self.device) for k, v in model_in.items()}
-                with self._route(model_in, rest, inference=True), self.accelerator.autocast():
-                    gen = model.generate(**model_in, max_new_tokens=self.config.max_new_tokens, do_sample=False,
-                                         pad_token_id=collate.pad_id, eos_token_id=tok.eos_token_id)
-                new = gen[:, model_in["input_ids"].shape[1]:]
-                preds = tok.batch_decode(new, skip_special_tokens=True)
-                scores += [self.scorers[j](p.strip(), a) for p, a in zip(preds, rest["answers"])]
+            if self.config.eval_mode == "forced":
+                scores = self._forced_scores(j, samples)
+            else:
+                scores = self._generated_scores(j, samples)
             total = torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=self.device)
             total = self._all_sum(total)
             out[j] = float(100.0 * total[0] / total[1].clamp_min(1))
         model.train(was_training)
         return out
+
+    def _generated_scores(self, j: int, samples: list[dict]) -> list[float]:
+        """Greedy generation + the task's scorer, per sample."""
+        collate = CoINCollator(self.bundle, mode="generate")
+        tok = self.bundle.tokenizer
+        scores = []
+        for i in range(0, len(samples), self.config.eval_batch_size):
+            batch = collate([self._with_root(s, j) for s in samples[i: i + self.config.eval_batch_size]])
+            model_in, rest = split_batch(batch)
+            model_in = {k: v.to(self.device) for k, v in model_in.items()}
+            with self._route(model_in, rest, inference=True), self.accelerator.autocast():
+                gen = self.model.generate(**model_in, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                          pad_token_id=collate.pad_id, eos_token_id=tok.eos_token_id)
+            new = gen[:, model_in["input_ids"].shape[1]:]
+            preds = tok.batch_decode(new, skip_special_tokens=True)
+            scores += [self.scorers[j](p.strip(), a) for p, a in zip(preds, rest["answers"])]
+        return scores
+
+    def _forced_scores(self, j: int, samples: list[dict]) -> list[float]:
+        """1 for a sample whose gold answer (and end token) is the argmax at every answer position of one
+        teacher-forced forward: exactly the samples on which greedy decoding returns the gold answer verbatim.
+        Failing samples score 0, except under a partial-credit scorer (grounding), where they are generated."""
+        collate = CoINCollator(self.bundle, mode="train", max_length=self.config.max_length)
+        scores = []
+        for i in range(0, len(samples), self.config.eval_batch_size):
+            batch = collate([self._with_root(s, j) for s in samples[i: i + self.config.eval_batch_size]])
+            model_in, rest = self._split(batch)
+            with self._route(model_in, rest, inference=True), self.accelerator.autocast():
+                logits, labels, mask = self._answer_logits(model_in, rest["labels"])
+            ok = ((logits.argmax(-1) == labels) | ~mask).all(1) & mask.any(1)
+            scores += [float(v) for v in ok.tolist()]
+        if self.tasks[j].scorer == "grounding":
+            failed = [k for k, v in enumerate(scores) if v < 1.0]
+            if failed:
+                for k, v in zip(failed, self._generated_scores(j, [samples[k] for k in failed])):
+                    scores[k] = v
+        return scores
+
+    def _answer_logits(self, model_in: dict, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Next-token logits only at the columns that predict an answer token in some row (the 49k-word LM head
+        over every position would cost as much as several decoder layers). Returns (logits [B, K, V], the
+        predicted labels [B, K], mask [B, K])."""
+        target = labels[:, 1:]
+        cols = (target != -100).any(0).nonzero().flatten()
+        try:
+            logits = self.model(**model_in, logits_to_keep=cols).logits
+        except TypeError:  # a model without logits_to_keep: full logits, then the same columns
+            logits = self.model(**model_in).logits[:, cols]
+        lab = target[:, cols]
+        return logits, lab, lab != -100
 
     # =========================================================================================== phases
     def _phase_compress(self, t: int) -> None:
@@ -247,10 +288,10 @@ class CILTrainer:
             with torch.no_grad(), teacher.swapped_in(self.model):
                 with self._route(model_in, rest) as st, self.accelerator.autocast():
                     prefill_prototype_routes(st, self.pools, protos)
-                    t_logits = self.model(**model_in).logits[:, :-1]
+                    t_logits, _, mask = self._answer_logits(model_in, labels)
             with self._route(model_in, rest) as st, self.accelerator.autocast():
                 prefill_prototype_routes(st, self.pools, protos)
-                s_logits = self.model(**model_in).logits[:, :-1]
+                s_logits, _, _ = self._answer_logits(model_in, labels)
             loss = topk_sqrt_kl(s_logits, t_logits, mask, cfg.kl_topk, normalizer=den)
             kl = float(self._all_sum(loss.detach().to(torch.float64)))
             sampler.update(task, kl)
@@ -286,12 +327,10 @@ class CILTrainer:
 
         def loss_fn(batch: dict) -> tuple[Tensor, dict]:
             model_in, rest = self._split(batch)
-            labels = rest["labels"][:, 1:]
-            mask = labels != -100
-            den = self._all_sum(mask.sum().to(torch.float64)).to(torch.float32)
             with self._route(model_in, rest) as st, self.accelerator.autocast():
-                logits = self.model(**model_in).logits[:, :-1]
+                logits, labels, mask = self._answer_logits(model_in, rest["labels"])
                 query = st.query
+            den = self._all_sum(mask.sum().to(torch.float64)).to(torch.float32)
             ce = F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum") / den.clamp_min(1)
             loss, info = ce, {"ce": float(ce.detach())}
             if use_qk:
@@ -301,7 +340,7 @@ class CILTrainer:
             if lwf_teacher is not None:
                 with torch.no_grad(), lwf_teacher.swapped_in(self.model):
                     with self._route(model_in, rest, inference=True), self.accelerator.autocast():
-                        t_logits = self.model(**model_in).logits[:, :-1]
+                        t_logits, _, _ = self._answer_logits(model_in, rest["labels"])
                 lw = lwf_loss(logits, t_logits, mask, cfg.lwf_temperature, normalizer=den)
                 loss = loss + cfg.lwf_lambda * lw
                 info["lwf"] = float(lw.detach())
@@ -347,8 +386,16 @@ class CILTrainer:
             copy_from = None
             if cfg.nearest_init_from_task is not None and t >= cfg.nearest_init_from_task:
                 copy_from = self._nearest_experts(t, plan.n_new)
+            keys = None
+            if cfg.key_init == "task_query" and copy_from is None:
+                q = self._task_mean_query(t)
+                gen = torch.Generator().manual_seed(self._phase_seed(t, "learn") + 7)
+                # a little noise keeps the task's experts distinguishable when r < n_new
+                keys = [F.normalize(p[None].cpu() + 0.1 * F.normalize(torch.randn(plan.n_new, p.numel(),
+                                                                                   generator=gen), dim=-1), dim=-1)
+                        for p in q]
             for i, pool in enumerate(self.pools):
-                pool.grow(plan.n_new, task=tid, copy_from=None if copy_from is None else copy_from[i])
+                pool.grow(plan.n_new, task=tid, copy_from=None if copy_from is None else copy_from[i], keys=keys)
         else:  # pclr_lwf inside a group: keep training the group's experts
             for pool in self.pools:
                 pool.unfreeze(pool.task_of_expert == tid)

@@ -65,3 +65,58 @@ def caption_sample(rng: random.Random, size: int, i: int) -> dict:
 def caption_samples(n: int, seed: int, size: int) -> list[dict]:
     rng = random.Random(f"pclr-align-{seed}")
     return [caption_sample(rng, size, i) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ token-level captions
+def _size_word(obj: scenes.Obj, size: int) -> str:
+    s = obj.box[2] - obj.box[0]
+    return "small" if s < size * 0.2 else ("large" if s > size * 0.33 else "medium")
+
+
+def word_caption(rng: random.Random, size: int) -> tuple:
+    """(image, caption) with a terse caption of at most ~16 SmolLM2 tokens, one visual fact per word.
+
+    These are the targets of the embedding-space alignment (``pclr.models.alignment``): each of the 16 image tokens
+    is pulled onto the input embedding of one caption token, so the frozen LM reads an image like a short text.
+    Objects are listed left to right (sizes and positions in words for one or two objects, sizes for three, colour
+    and shape only for crowded scenes, so that counting scenes of up to six objects still fit).
+    """
+    kind = rng.choices(["shapes", "crowd", "sign", "digit", "book", "bad"], weights=[6, 2, 2, 2, 2, 1])[0]
+    if kind in ("shapes", "crowd"):
+        n = rng.randint(1, 3) if kind == "shapes" or size < 48 else rng.randint(4, 6)  # tiny canvases: no crowds
+        specs = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(n)]
+        sizes = (9, 12, 16, 20, 25, 32, 38) if n <= 3 else (9, 11, 13)
+        objs = scenes.place_objects(rng, size, specs, sizes=sizes)
+        img = scenes.scene(rng, size, objs)
+        objs = sorted(objs, key=lambda o: o.center[0])
+        if n <= 2:
+            text = ", ".join(f"{_size_word(o, size)} {o.colour} {o.shape} {_where(o, size)}" for o in objs)
+        elif n == 3:  # left-to-right order stands in for the positions (16 tokens at most)
+            text = ", ".join(f"{_size_word(o, size)} {o.colour} {o.shape}" for o in objs)
+        else:
+            text = ", ".join(f"{o.colour} {o.shape}" for o in objs)
+        if rng.random() < 0.15:  # VizWiz-style failures of a plain scene
+            return scenes.obscure(rng, img), "dark blurry photo"
+        return img, text
+    if kind == "sign":
+        word = rng.choice(SIGN_WORDS + EXTRA_WORDS)
+        return scenes.text_image(rng, size, word.upper() if rng.random() < 0.5 else word), f"sign: {word}"
+    if kind == "digit":
+        images, labels = scenes.digits()
+        pool = [k for k in range(len(labels)) if k % DIGIT_TEST_EVERY != 0]  # never the ImageNet test digits
+        k = pool[rng.randrange(len(pool))]
+        return scenes.digit_image(rng, size, images[k]), f"digit {NUMBER_WORDS[int(labels[k])]}"
+    if kind == "book":
+        title = rng.choice(BOOK_TITLES + EXTRA_TITLES)
+        genre = rng.choice(list(GENRES))
+        cover = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in GENRES[genre])
+        return scenes.book_cover(rng, size, title, cover), f"{genre} book: {title}"
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    objs = scenes.place_objects(rng, size, [(shape, colour)], sizes=(26, 32, 38))
+    return scenes.obscure(rng, scenes.scene(rng, size, objs)), "dark blurry photo"
+
+
+def word_captions(n: int, seed: int, size: int) -> list[tuple]:
+    """``n`` (image, terse caption) pairs from the alignment's own seed stream."""
+    rng = random.Random(f"pclr-align-words-{seed}")
+    return [word_caption(rng, size) for _ in range(n)]

@@ -9,22 +9,23 @@ tokenizer from the same GGUF, with a compact chat template (no default system pr
 added ``<image>`` token. Vision: CLIP vision config, 64 px images, 16 px patches → 16 image tokens, 4 layers of width
 192, features of the penultimate layer without CLS (LLaVA "default"), 2-layer GELU MLP projector.
 
-No pretrained vision weights exist offline, so a short LLaVA stage-1 style alignment runs once: tower + projector
-train, LM frozen, on captions of synthetic scenes (``pclr.data.captions``; never the CoIN-mini tasks' data). The
+No pretrained vision weights exist offline, so an alignment stage runs once: tower + projector train, LM frozen, on
+synthetic scenes drawn from their own seed stream (``pclr.data.captions``; never the CoIN-mini tasks' data). By
+default it works in the LM's input-embedding space (:mod:`pclr.models.alignment`: each image token is pulled onto
+the embedding of one word of a terse caption; the LM never runs, ~2 min on 2 CPU cores); ``lm_align_steps`` adds
+LLaVA stage-1 steps with the LM loss (a backward pass through all 30 layers: seconds per step on a CPU). The
 result (whole model + tokenizer, safetensors) is cached under ``<cache>/models/<config hash>/``; later builds load it
-in seconds. ``ModelBundle.info["alignment"]`` says whether alignment ran now or was loaded.
+in seconds. ``ModelBundle.info["alignment"]`` says what ran and whether it ran now or was loaded.
 
 CPU plan (2 cores; ``pclr run`` default must finish in 15 min for 3 methods x 8 tasks, train + eval after each):
-  measured on the shared 2-core box (other jobs running, so upper bounds), SmolLM2-135M fp32:
-  * full-model forward+backward, B=8, L=48 (top-2 layers trainable, full logits): 1.05 s; logits only at 4
-    positions: 0.85 s; no-grad forward: 0.75 s (~500 tokens/s).
-  * top-2 layers only, from cached hidden states, 4 logits: 0.20 s (B=8, L=48), 0.31 s (B=16).
-  * generate 4 new tokens, B=32, prompt 28: 5.5 s (prefill alone 1.4 s).
-  Plan: LRP only on the top ``lrp_layers`` (default 4) decoder layers, projector and tower frozen during the continual
-  tasks; the hidden states entering the first LRP layer are cached per example (``pclr.models.prefix_cache``, exact:
-  nothing below trains), so a training step runs 4 of 30 layers; ~45-token sequences (16 image tokens, short chat
-  template); few steps per task; test sets evaluated with greedy generation (the costly part: keep test sets and
-  ``max_new_tokens`` small in the CPU presets).
+  * LRP only in the top ``lrp_layers`` decoder layers (``inject_lrp(..., layers=)``), projector and tower frozen
+    during the continual tasks, so the hidden states entering the first LRP layer are cached per example
+    (``pclr.models.prefix_cache``, exact) and shared by all methods: each step runs the top layers only.
+  * logits only at answer positions (the 49k-word head over every position costs as much as several layers).
+  * evaluation by one teacher-forced forward per batch (``CILConfig.eval_mode="forced"``: the greedy exact-match
+    verdict) instead of a generate loop, which would run all 30 layers per new token.
+  measured on the 2-core box, SmolLM2-135M fp32, sequences of ~45-70 tokens: a training step (B=8, top 6 layers,
+  forward + backward) 0.5-0.8 s; bottom 24 layers for one example (once) ~0.1 s; GGUF load ~20 s.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,14 @@ class MiniLlavaConfig:
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 4
-    align_steps: int = 80
-    align_batch: int = 8
-    align_lr: float = 1e-3
+    # embedding-space alignment (pclr.models.alignment): image tokens -> input embeddings of a terse caption
+    align_images: int = 6000
+    align_steps: int = 800
+    align_batch: int = 64
+    align_lr: float = 2e-3
+    # optional LLaVA stage-1 steps afterwards (LM loss, backward through the whole LM: ~1 s+ per step on a CPU)
+    lm_align_steps: int = 0
+    lm_align_batch: int = 8
     seed: int = 0
     # tiny LM only
     tiny_hidden: int = 64
@@ -82,7 +88,7 @@ class MiniLlavaConfig:
 PRESETS = {
     "smol": MiniLlavaConfig(),
     "tiny": MiniLlavaConfig(lm="tiny", image_size=16, patch_size=8, vision_hidden=32, vision_layers=2,
-                            vision_heads=2, align_steps=10, align_batch=8, align_lr=3e-3),
+                            vision_heads=2, align_images=64, align_steps=10, align_batch=8, align_lr=3e-3),
 }
 
 
@@ -177,6 +183,17 @@ def _bundle(model, tok, cfg: MiniLlavaConfig, info: dict) -> ModelBundle:
 
 # --------------------------------------------------------------------------------------------------- alignment
 def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
+    """Embedding-space alignment (:mod:`pclr.models.alignment`), then ``cfg.lm_align_steps`` LLaVA stage-1 steps."""
+    from pclr.models.alignment import align_to_embeddings
+
+    stats = align_to_embeddings(bundle, n_images=cfg.align_images, steps=cfg.align_steps, batch=cfg.align_batch,
+                                lr=cfg.align_lr, seed=cfg.seed, progress=progress)
+    if cfg.lm_align_steps > 0:
+        stats["lm_stage"] = align_lm_loss(bundle, cfg, progress=progress)
+    return stats
+
+
+def align_lm_loss(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
     """LLaVA stage-1 style: train vision tower + projector on synthetic captions, LM frozen. Returns stats."""
     from tqdm.auto import tqdm
 
@@ -188,19 +205,20 @@ def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> d
     trainable = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
     for p in trainable:
         p.requires_grad_(True)
-    samples = caption_samples(cfg.align_steps * cfg.align_batch, cfg.seed, cfg.image_size)
+    steps, bs = cfg.lm_align_steps, cfg.lm_align_batch
+    samples = caption_samples(steps * bs, cfg.seed, cfg.image_size)
     collate = CoINCollator(bundle, mode="train")
     opt = torch.optim.AdamW(trainable, lr=cfg.align_lr, weight_decay=0.0)
-    warm = max(1, cfg.align_steps // 10)
+    warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 10%
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.1, 1 - (s - warm) / max(1, cfg.align_steps - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.1, 1 - (s - warm) / max(1, steps - warm)))
     torch.manual_seed(cfg.seed)
     model.train()
     losses = []
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.align_steps), desc="vision alignment (once, cached)", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="LM-loss alignment (once, cached)", disable=not progress, leave=False)
     for step in bar:
-        batch = collate(samples[step * cfg.align_batch:(step + 1) * cfg.align_batch])
+        batch = collate(samples[step * bs:(step + 1) * bs])
         model_in, rest = split_batch(batch)
         out = model(**model_in, labels=rest["labels"])
         out.loss.backward()
@@ -214,7 +232,7 @@ def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> d
     model.requires_grad_(False)
     model.eval()
     k = max(1, len(losses) // 10)
-    return {"steps": cfg.align_steps, "batch": cfg.align_batch, "seconds": round(time.perf_counter() - t0, 1),
+    return {"steps": steps, "batch": bs, "seconds": round(time.perf_counter() - t0, 1),
             "loss_first": round(sum(losses[:k]) / k, 4), "loss_last": round(sum(losses[-k:]) / k, 4)}
 
 
@@ -279,26 +297,7 @@ def build_mini_llava(preset: str = "smol", *, cache_dir: Optional[os.PathLike] =
 
 
 def inject_top_layers(model: nn.Module, config, n_layers: int) -> nn.Module:
-    """Inject LRP into the top ``n_layers`` decoder layers only (no projector pool), leaving the rest untouched.
-
-    ``pclr.inject_lrp`` wraps every decoder layer; here it is applied to a view whose decoder is the top layers, so
-    the same layer objects (inside ``model``) are modified and the pools stay registered on them.
-    """
+    """Inject LRP into the top ``n_layers`` decoder layers only (no projector pool), leaving the rest untouched."""
     from pclr.inject import inject_lrp
-    from pclr.query import infer_query_dims
 
-    dims = infer_query_dims(model)
-    layers = model.get_decoder().layers
-    top = nn.ModuleList(list(layers)[len(layers) - n_layers:])
-
-    class _TopView(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = top
-
-        def get_decoder(self):
-            return self
-
-    model.requires_grad_(False)
-    inject_lrp(_TopView(), config, query_dims=dims, projector=False)
-    return model
+    return inject_lrp(model, config, projector=False, layers=range(-n_layers, 0))

@@ -94,8 +94,10 @@ class CILConfig:
                                               "teacher-forced forward per batch; a sample counts as correct iff the "
                                               "argmax at every answer position (end token included) is the gold "
                                               "token, i.e. iff greedy decoding returns the gold answer verbatim (a "
-                                              "lower bound of 'generate' for lenient scorers); samples of "
-                                              "partial-credit scorers (grounding) that fail it are generated."})
+                                              "lower bound of 'generate' for lenient scorers; for grounding it "
+                                              "counts exact boxes only). 'forced_generate': as 'forced', but "
+                                              "samples of grounding tasks that fail it are generated and scored "
+                                              "by IoU (= 'generate' for those tasks)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap per task (debug / quick runs)."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Cap per task at evaluation."})
     max_length: Optional[int] = field(default=None, metadata={"help": "Truncate training sequences to this length."})
@@ -121,8 +123,9 @@ class CILConfig:
             raise ValueError(f"CILConfig.qk_loss must be 'cos' or 'paper', got {self.qk_loss!r}")
         if self.key_init not in ("random", "task_query"):
             raise ValueError(f"CILConfig.key_init must be 'random' or 'task_query', got {self.key_init!r}")
-        if self.eval_mode not in ("generate", "forced"):
-            raise ValueError(f"CILConfig.eval_mode must be 'generate' or 'forced', got {self.eval_mode!r}")
+        if self.eval_mode not in ("generate", "forced", "forced_generate"):
+            raise ValueError(f"CILConfig.eval_mode must be 'generate', 'forced' or 'forced_generate', got "
+                             f"{self.eval_mode!r}")
         if self.inference_routing not in ("topr", "prototype"):
             raise ValueError(f"CILConfig.inference_routing must be 'topr' or 'prototype', got "
                              f"{self.inference_routing!r}")

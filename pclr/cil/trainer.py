@@ -179,7 +179,7 @@ class CILTrainer:
         out = {}
         for j in task_ids:
             samples = self.test_data[j][self.rank:: self.world]
-            if self.config.eval_mode == "forced":
+            if self.config.eval_mode in ("forced", "forced_generate"):
                 scores = self._forced_scores(j, samples)
             else:
                 scores = self._generated_scores(j, samples)
@@ -209,7 +209,8 @@ class CILTrainer:
     def _forced_scores(self, j: int, samples: list[dict]) -> list[float]:
         """1 for a sample whose gold answer (and end token) is the argmax at every answer position of one
         teacher-forced forward: exactly the samples on which greedy decoding returns the gold answer verbatim.
-        Failing samples score 0, except under a partial-credit scorer (grounding), where they are generated."""
+        Failing samples score 0; under ``eval_mode="forced_generate"`` failing samples of grounding tasks (IoU
+        scoring) are generated instead."""
         collate = CoINCollator(self.bundle, mode="train", max_length=self.config.max_length)
         scores = []
         for i in range(0, len(samples), self.config.eval_batch_size):
@@ -219,7 +220,7 @@ class CILTrainer:
                 logits, labels, mask = self._answer_logits(model_in, rest["labels"])
             ok = ((logits.argmax(-1) == labels) | ~mask).all(1) & mask.any(1)
             scores += [float(v) for v in ok.tolist()]
-        if self.tasks[j].scorer == "grounding":
+        if self.config.eval_mode == "forced_generate" and self.tasks[j].scorer == "grounding":
             failed = [k for k, v in enumerate(scores) if v < 1.0]
             if failed:
                 for k, v in zip(failed, self._generated_scores(j, [samples[k] for k in failed])):

@@ -70,7 +70,7 @@ class Preset:
     # CILConfig.eval_mode: "forced" = one teacher-forced forward per batch instead of a generate loop (greedy
     # exact-match verdict; Grounding then counts exact boxes only, a lower bound of IoU >= 0.5)
     eval_mode: str = "forced"
-    compression: str = "importance"  # keep the experts with the largest |a_j||b_j| ("index": the reference rule)
+    compression: str = "index"  # the reference rule (drop every k-th expert: each task loses evenly)
     integration_lr: Optional[float] = 1e-3  # QKLD at the learning rate of learning overshoots (the KL rises)
     key_init: str = "task_query"  # new experts' keys start at the task's mean query (few steps per task)
     schedule: str = "auto"

@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 from torch import Tensor, nn
 
 from pclr.inject import lrp_pools, lrp_state_dict

@@ -42,7 +42,7 @@ from pclr.cil.metrics import CILResults, get_scorer
 from pclr.cil.schedule import resolve_schedule
 from pclr.cil.teacher import LRPSnapshot
 from pclr.data.coin import CoINCollator, load_coin_json, split_batch
-from pclr.inject import POOL_ATTR, inject_lrp, load_lrp_state_dict, lrp_layers, lrp_pools, lrp_state_dict
+from pclr.inject import inject_lrp, load_lrp_state_dict, lrp_layers, lrp_pools, lrp_state_dict
 from pclr.models.bundle import ModelBundle
 from pclr.query import QueryExtractor
 
@@ -710,7 +710,6 @@ class _PrototypeRouting:
         state = self.ctx.__enter__()
         tr = self.trainer
         tids = sorted(tr.prototypes)
-        proj_pool = getattr(tr.query.projector, POOL_ATTR, None) if tr.query.projector is not None else None
 
         def lazy_fill(pool):
             q = state.query

@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 
 from pclr.data import scenes
-from pclr.data.scenes import COLOURS, SHAPES, Obj
+from pclr.data.scenes import COLOURS, SHAPES
 
 VERSION = 1
 TASK_ORDER: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA")

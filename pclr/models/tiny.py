@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import string
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
 from pclr.models.bundle import ModelBundle
+
+if TYPE_CHECKING:  # imported lazily at run time: transformers is heavy
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 # A chat template in the LLaVA-1.5 style ("USER: ... ASSISTANT: ...</s>"), written for the word-level tokenizer.

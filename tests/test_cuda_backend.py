@@ -98,15 +98,17 @@ def test_dtype_and_size_reasons(monkeypatch):
 
 def test_dispatch_never_tries_cuda_on_cpu():
     c = make_case()
-    assert dispatch.select("lrp_linear", _inputs_stub(c.x.device)).name == "reference"
+    assert dispatch.select("lrp_linear", _inputs_stub(c.x.reshape(-1, c.x.shape[-1]))).name == "reference"
     y = pclr.lrp_linear(c.x, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, A_s=c.A_s, B_s=c.B_s,
                         beta_m=c.beta_m, beta_s=c.beta_s)
     torch.testing.assert_close(y, dense_lrp(c))
 
 
 class _inputs_stub:
-    def __init__(self, device):
-        self.device = device
+    """What dispatch reads of LinearInputs when choosing: the packed x [T, d_in] and its device."""
+
+    def __init__(self, x):
+        self.x, self.device = x, x.device
 
 
 # ---------------------------------------------------------------------------------------------------------------

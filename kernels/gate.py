@@ -115,19 +115,21 @@ def gate_topr_kernel(
     mask_r = offs_r < r
     if BATCH:
         for b in range(0, B):
-            tl.store(IDX + b * stride_out + offs_r, chosen, mask=mask_r)
-            if SOFT:
-                v = tl.load(S + b * stride_s + chosen, mask=mask_r, other=0.0)
-            else:
-                v = tl.full([BLOCK_R], 1.0, dtype=VAL.dtype.element_ty)
-            tl.store(VAL + b * stride_out + offs_r, v, mask=mask_r)
+            _store_route(IDX, VAL, S, b, stride_out, stride_s, chosen, offs_r, mask_r, SOFT, BLOCK_R)
     else:
-        tl.store(IDX + pid * stride_out + offs_r, chosen, mask=mask_r)
-        if SOFT:
-            v = tl.load(S + pid * stride_s + chosen, mask=mask_r, other=0.0)
-        else:
-            v = tl.full([BLOCK_R], 1.0, dtype=VAL.dtype.element_ty)
-        tl.store(VAL + pid * stride_out + offs_r, v, mask=mask_r)
+        _store_route(IDX, VAL, S, pid, stride_out, stride_s, chosen, offs_r, mask_r, SOFT, BLOCK_R)
+
+
+@triton.jit
+def _store_route(IDX, VAL, S, b, stride_out, stride_s, chosen, offs_r, mask_r, SOFT: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """Write sample b's experts and values: VAL = its own unmasked score (SOFT) or 1."""
+    tl.store(IDX + b * stride_out + offs_r, chosen, mask=mask_r)
+    if SOFT:
+        v = tl.load(S + b * stride_s + chosen, mask=mask_r, other=0.0)
+    else:
+        v = tl.full([BLOCK_R], 1.0, dtype=VAL.dtype.element_ty)
+    tl.store(VAL + b * stride_out + offs_r, v, mask=mask_r)
 
 
 # --- per-sample gate inside another kernel's prologue (the one-pass LRP linear) ---------------------------------

@@ -2,14 +2,21 @@
 provider says why it has no measurement where it has none."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import torch
+from torch import Tensor
 
-from pclr import bench
+from pclr import bench, lrp_gate, lrp_linear
+from pclr.bench import providers as providers_mod
 from pclr.bench.providers import ONE_PASS_UNAVAILABLE, triton_forward_variant
 from pclr.bench.shapes import TARGET
 
@@ -105,6 +112,39 @@ def test_triton_forward_variant_is_scoped() -> None:
             assert os.environ["PCLR_TRITON_FWD"] == "fused"
         assert os.environ["PCLR_TRITON_FWD"] == "split"
     assert os.environ.get("PCLR_TRITON_FWD") == before
+
+
+def _gate_then_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, query, keys,
+                      r: int, *, weights=None, candidates=None, mode: str = "hard", A_s=None, B_s=None,
+                      beta_m: float = 1.0, beta_s: float = 1.0, sample_of_token=None, trainable=None,
+                      deterministic: bool = False, backend=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The declared signature of pclr.lrp_gate_linear, computed as gate then linear on the reference backend."""
+    idx, val = lrp_gate(query, keys, r, weights=weights, candidates=candidates, mode=mode, backend="reference")
+    y = lrp_linear(x, weight, bias, A_m, B_m, idx, val, A_s=A_s, B_s=B_s, beta_m=beta_m, beta_s=beta_s,
+                   sample_of_token=sample_of_token, trainable=trainable, backend="reference")
+    return y, idx, val
+
+
+@pytest.mark.parametrize("mode", ["fwd", "decode", "layer"])
+def test_one_pass_provider_calls_the_declared_signature(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """With pclr.lrp_gate_linear present, the one-pass provider runs it and matches gate-then-linear."""
+    monkeypatch.setattr(providers_mod, "lrp_gate_linear", _gate_then_linear)
+    monkeypatch.setattr(providers_mod, "ONE_PASS_UNAVAILABLE", None)
+    one_pass = copy.copy(bench.PROVIDERS["pclr-triton-onepass"])
+    one_pass._checked = False  # the copy asks again, against the patched module
+    assert one_pass.unavailable() is None and one_pass.mode_reason(mode) is None
+    T, B = (4, 4) if mode == "decode" else (16, 2)
+    p = bench.make_problem(bench.Shape(mode, "fp32", 32, 32, T, B, 8, 2, 2), torch.device("cpu"))
+    got = one_pass.build(p, bench.RunOptions(interpreter=True)).fn()
+    want = bench.PROVIDERS["pclr-reference"].build(p, bench.RunOptions()).fn()
+    assert got.shape == want.shape == (B, T // B, p.layers[-1]["d_out"])
+    torch.testing.assert_close(got, want)
+
+
+def test_importing_the_harness_leaves_triton_alone() -> None:
+    """--interpreter sets TRITON_INTERPRET after the harness is imported, so the harness must not import triton."""
+    code = "import sys, pclr.bench; assert 'triton' not in sys.modules, 'pclr.bench imported triton'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": ""})
 
 
 def test_gpu_check_preset_is_the_target_point() -> None:

@@ -6,6 +6,8 @@ numbers are a smoke of the code paths, never a performance figure.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -13,10 +15,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-try:  # optional: absent on some CPU installs; CUDA events replace it
-    from triton.testing import do_bench
-except ImportError:  # pragma: no cover - depends on the installation
-    do_bench = None
+# triton is optional (CUDA events replace its do_bench) and is NOT imported here: importing it fixes TRITON_INTERPRET
+# for triton's own @jit library functions, and `--interpreter` sets that variable only after this module is loaded.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than the L2 of every GPU in meta.DEVICE_PEAKS
 
@@ -53,8 +54,9 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, rep: int,
     before every repetition (a fwd+bwd call must not accumulate into the previous gradient).
     """
     if device.type == "cuda":
-        if do_bench is None:
+        if not HAS_TRITON:
             return _cuda_events_bench(fn, warmup, rep, grad_to_none)
+        do_bench = importlib.import_module("triton.testing").do_bench
         q = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(grad_to_none or []), quantiles=[0.5, 0.2, 0.8])
         return Timing(*q)
     for _ in range(warmup):

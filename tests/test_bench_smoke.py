@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from pclr import bench, lrp_gate, lrp_linear
 from pclr.bench import providers as providers_mod
 from pclr.bench.providers import ONE_PASS_UNAVAILABLE, triton_forward_variant
 from pclr.bench.shapes import TARGET
+from pclr.cli import main as pclr_main
 
 KERNEL_MODES = ("gate", "fwd", "fwdbwd", "decode", "layer")
 
@@ -114,10 +115,12 @@ def test_triton_forward_variant_is_scoped() -> None:
     assert os.environ.get("PCLR_TRITON_FWD") == before
 
 
-def _gate_then_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, query, keys,
-                      r: int, *, weights=None, candidates=None, mode: str = "hard", A_s=None, B_s=None,
-                      beta_m: float = 1.0, beta_s: float = 1.0, sample_of_token=None, trainable=None,
-                      deterministic: bool = False, backend=None) -> tuple[Tensor, Tensor, Tensor]:
+def _gate_then_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, query: Any,
+                      keys: Any, r: int, *, weights: Any = None, candidates: Optional[Tensor] = None,
+                      mode: str = "hard", A_s: Optional[Tensor] = None, B_s: Optional[Tensor] = None,
+                      beta_m: float = 1.0, beta_s: float = 1.0, sample_of_token: Optional[Tensor] = None,
+                      trainable: Optional[Tensor] = None, deterministic: bool = False,
+                      backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The declared signature of pclr.lrp_gate_linear, computed as gate then linear on the reference backend."""
     idx, val = lrp_gate(query, keys, r, weights=weights, candidates=candidates, mode=mode, backend="reference")
     y = lrp_linear(x, weight, bias, A_m, B_m, idx, val, A_s=A_s, B_s=B_s, beta_m=beta_m, beta_s=beta_s,
@@ -188,18 +191,14 @@ def test_smoke_model_modes(tmp_path: Path) -> None:
 
 
 def test_cli_entry(tmp_path: Path) -> None:
-    from pclr.cli import main
-
-    rc = main(["bench", "--preset", "smoke", "--device", "cpu", "--modes", "gate", "--providers", "pclr-reference",
+    rc = pclr_main(["bench", "--preset", "smoke", "--device", "cpu", "--modes", "gate", "--providers", "pclr-reference",
                "--out", str(tmp_path), "--no-plots"])
     assert rc == 0 and (tmp_path / "bench.csv").exists()
 
 
 def test_cli_help_lists_presets_and_providers(capsys: pytest.CaptureFixture[str]) -> None:
-    from pclr.cli import main
-
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
+        pclr_main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: pclr bench")

@@ -11,13 +11,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from pclr import BackendUnavailableError
 from pclr.bench.models import run_serve, run_train
 from pclr.bench.problems import make_problem
 from pclr.bench.provider import Built, Provider, RunOptions, Skip
 from pclr.bench.results import Row, fill_kernel_ratio, kernel_row
 from pclr.bench.shapes import Preset, Shape, sweep_shapes
 from pclr.bench.timing import peak_memory_mb, synchronize, time_fn
-from pclr.dispatch import BackendUnavailableError
 
 Measure = Callable[[Shape, Provider, Built, torch.device, Preset, str, Optional[dict[str, Any]]], Row]
 """(point, provider, its built callable already run once, device, preset, label, datasheet peaks) -> an ``ok`` row."""

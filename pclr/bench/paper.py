@@ -68,7 +68,7 @@ class PaperLRPLinear(nn.Module):
     """The authors' LRP linear inside a model: A [d_in, n], B [n, d_out], the layer's keys shared by reference, and the
     gate recomputed from the current routing query (``pclr.routing``) in every forward (see :func:`paper_linear`)."""
 
-    def __init__(self, base: nn.Linear, keys: list[Tensor], n: int, r: int, n_s: int, alpha: float = ALPHA):
+    def __init__(self, base: nn.Linear, keys: list[Tensor], n: int, r: int, n_s: int, alpha: float = ALPHA) -> None:
         super().__init__()
         w = base.weight
         self.base, self.keys, self.r = base, keys, r

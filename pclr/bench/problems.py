@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -44,11 +44,6 @@ class Problem:
     @property
     def device(self) -> torch.device:
         return self.x.device
-
-    def sample_of_token(self) -> Tensor:
-        """int32 [T]: the sample each token of the packed x belongs to (L consecutive tokens per sample)."""
-        B, L = self.shape.B, self.shape.L
-        return torch.arange(B, device=self.device, dtype=torch.int32).repeat_interleave(L)
 
 
 def make_problem(shape: Shape, device: torch.device, seed: int = 0) -> Problem:
@@ -111,13 +106,3 @@ def ideal_cost(shape: Shape, kind: CostKind = "lrp") -> tuple[float, float]:
     if shape.mode == "layer" and kind != "base":
         flops, bytes_ = flops + gate_f, bytes_ + gate_b
     return flops, bytes_
-
-
-def active_ranks(shape: Shape, kind: CostKind) -> int:
-    """R as a row reports it: 0 for the base Linear, n_s + r for every adapter."""
-    return 0 if kind == "base" else shape.R
-
-
-def packed(x: Tensor, d_in: Optional[int] = None) -> Tensor:
-    """x [B, L, d] -> [B·L, d] (a view)."""
-    return x.reshape(-1, d_in if d_in is not None else x.shape[-1])

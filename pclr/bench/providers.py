@@ -60,7 +60,7 @@ class PclrBackend(Provider):
     for. The model-level modes put :class:`pclr.FusedLRPLinear` in every linear, one key pool per decoder layer."""
 
     def __init__(self, name: str, backend: str, modes: frozenset[str], not_supported: dict[str, str], summary: str,
-                 variant: Optional[ForwardVariant] = None):
+                 variant: Optional[ForwardVariant] = None) -> None:
         self.name, self.backend, self.variant, self.summary = name, backend, variant, summary
         self.modes, self.not_supported = modes, not_supported
 

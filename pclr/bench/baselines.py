@@ -18,17 +18,26 @@ from torch import Tensor, nn
 from pclr.bench.models import LORA_TARGETS, replace_linears, tiny_llama
 from pclr.bench.paper import PaperLRPLinear, cosine_scores, paper_gate, paper_linear
 from pclr.bench.problems import Problem
-from pclr.bench.provider import Built, Provider, RunOptions, Skip, layer_chain, make_fn, no_route, trainable_copy
+from pclr.bench.provider import (
+    KERNEL,
+    LINEAR,
+    MODEL,
+    Built,
+    Provider,
+    RunOptions,
+    Skip,
+    layer_chain,
+    make_fn,
+    no_route,
+    trainable_copy,
+)
 from pclr.bench.shapes import ALPHA
-
-LINEAR_MODES = frozenset({"fwd", "fwdbwd", "decode", "layer"})
-KERNEL_MODES = LINEAR_MODES | {"gate"}
 
 
 class BaseLinear(Provider):
     name = "base"
     summary = "F.linear(x, W): x·Wᵀ on cuBLAS, the floor every ratio is taken against"
-    modes = LINEAR_MODES | {"train", "serve"}
+    modes = LINEAR | MODEL
     not_supported = {"gate": "no gate: the base Linear is the floor of the linear modes only"}
     cost = "base"
 
@@ -52,7 +61,7 @@ class Paper(Provider):
     name = "paper"
     summary = ("the PCLR authors' formulation: A stored [d_in, n], cosine gate recomputed inside every linear and "
                "summed over the batch (one route for the whole batch), torch.matmul((x @ A[:, idx]) * mask, B[idx])")
-    modes = KERNEL_MODES | {"train"}
+    modes = KERNEL | {"train"}
     not_supported = {"serve": "routes the whole batch as one task: a mixed-task batch cannot be served per sample"}
 
     def build(self, p: Problem, opts: RunOptions) -> Built:
@@ -91,8 +100,8 @@ class Paper(Provider):
 class Dense(Provider):
     name = "dense"
     summary = "what a naive user writes: x·A_mᵀ over all n experts, times a dense [B, n] masked gate, then ·B_m"
-    modes = KERNEL_MODES
-    not_supported = {m: "a formulation of one linear, not built into a model" for m in ("train", "serve")}
+    modes = KERNEL
+    not_supported = {m: "a formulation of one linear, not built into a model" for m in MODEL}
 
     def build(self, p: Problem, opts: RunOptions) -> Built:
         """All n experts computed for every token, then a dense [B, n] gate zeroes the unchosen ones."""
@@ -154,7 +163,7 @@ def _peft_linear(peft: Any, weight: Tensor, bias: Optional[Tensor], R: int, alph
 class PeftLora(Provider):
     name = "peft-lora"
     summary = "a PEFT LoRA layer of rank R = n_s + r on the same weight: one adapter, no routing (same dtype)"
-    modes = LINEAR_MODES | {"train", "serve"}
+    modes = LINEAR | MODEL
     not_supported = {"gate": "PEFT LoRA has no gate"}
     cost = "lora"
 

@@ -16,7 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from pclr.bench.problems import CostKind, Problem
-from pclr.bench.shapes import LAYER_LINEARS
+from pclr.bench.shapes import KERNEL_MODES, LAYER_LINEARS, LINEAR_MODES, MODEL_MODES
+
+LINEAR = frozenset(LINEAR_MODES)
+KERNEL = frozenset(KERNEL_MODES)
+MODEL = frozenset(MODEL_MODES)
 
 
 @dataclass

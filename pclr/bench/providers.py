@@ -15,10 +15,21 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from pclr.bench.baselines import BASELINES, KERNEL_MODES, LINEAR_MODES
+from pclr.bench.baselines import BASELINES
 from pclr.bench.models import replace_linears, tiny_llama
 from pclr.bench.problems import Problem
-from pclr.bench.provider import Built, Provider, RunOptions, Skip, layer_chain, make_fn, trainable_copy
+from pclr.bench.provider import (
+    KERNEL,
+    LINEAR,
+    MODEL,
+    Built,
+    Provider,
+    RunOptions,
+    Skip,
+    layer_chain,
+    make_fn,
+    trainable_copy,
+)
 from pclr.bench.shapes import GATE_WEIGHTS
 from pclr.config import LRPConfig
 from pclr.dispatch import available_backends
@@ -33,7 +44,6 @@ except ImportError:
 
 ONE_PASS_UNAVAILABLE: Optional[str] = (
     None if lrp_gate_linear is not None else "pclr.lrp_gate_linear not available in this version")
-MODEL_MODES = frozenset({"train", "serve"})
 
 
 @contextmanager
@@ -167,16 +177,16 @@ _VARIANT_SUMMARY: dict[str, str] = {
 
 def _triton_variant(variant: ForwardVariant) -> PclrBackend:
     return PclrBackend(
-        f"pclr-triton-{variant}", "triton", LINEAR_MODES,
+        f"pclr-triton-{variant}", "triton", LINEAR,
         {"gate": _NO_GATE_VARIANT, "train": _MODEL_VARIANT, "serve": _MODEL_VARIANT},
         f"triton backend, forward variant {variant} forced: {_VARIANT_SUMMARY[variant]}", variant=variant)
 
 
 PCLR_PROVIDERS: tuple[Provider, ...] = (
-    PclrBackend("pclr-reference", "reference", KERNEL_MODES | MODEL_MODES, {},
+    PclrBackend("pclr-reference", "reference", KERNEL | MODEL, {},
                 'lrp_linear(..., backend="reference"): gathered torch, the definition of correct'),
-    PclrBackend("pclr-triton", "triton", frozenset({"gate"}) | MODEL_MODES,
-                {m: _FWD_VARIANT_NOTE for m in LINEAR_MODES},
+    PclrBackend("pclr-triton", "triton", frozenset({"gate"}) | MODEL,
+                {m: _FWD_VARIANT_NOTE for m in LINEAR},
                 "the triton gate kernel (gate mode) and the triton backend with the shape-chosen forward variant "
                 "(train/serve)", variant="auto"),
     _triton_variant("fused"),
@@ -187,7 +197,7 @@ PCLR_PROVIDERS: tuple[Provider, ...] = (
              "fwdbwd": "one-pass is an inference path",
              "train": "one-pass is an inference path", "serve": "the model-level modes route through pclr.routing"},
             "pclr.lrp_gate_linear(..., backend='triton'): the gate and the LRP in one launch, in every linear"),
-    PclrBackend("pclr-cuda", "cuda", KERNEL_MODES | MODEL_MODES, {}, "the compiled CUDA backend (pclr._C)"),
+    PclrBackend("pclr-cuda", "cuda", KERNEL | MODEL, {}, "the compiled CUDA backend (pclr._C)"),
 )
 
 PROVIDERS: dict[str, Provider] = {

@@ -14,8 +14,10 @@ import torch
 
 CPU_LABEL = "CPU, not a performance figure"
 
-KERNEL_MODES: tuple[str, ...] = ("gate", "fwd", "fwdbwd", "decode", "layer")
-"""Modes timed on one call of an op (or a decoder layer's 7 linears) on random inputs."""
+LINEAR_MODES: tuple[str, ...] = ("fwd", "fwdbwd", "decode", "layer")
+"""Modes timed on one call of the LRP linear (or a decoder layer's 7 linears) on random inputs."""
+KERNEL_MODES: tuple[str, ...] = ("gate", *LINEAR_MODES)
+"""The linear modes and the gate alone."""
 MODEL_MODES: tuple[str, ...] = ("train", "serve")
 """Modes timed on a whole (small, randomly initialised) model."""
 MODES: tuple[str, ...] = KERNEL_MODES + MODEL_MODES

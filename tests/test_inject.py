@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from pclr import FusedLRPLinear, KeyPool, LRPConfig
-from pclr.inject import (POOL_ATTR, decoder_layers, inject_lrp, load_lrp_state_dict, lrp_layers, lrp_pools,
-                         lrp_state_dict)
+from pclr.inject import (
+    POOL_ATTR,
+    decoder_layers,
+    inject_lrp,
+    load_lrp_state_dict,
+    lrp_layers,
+    lrp_pools,
+    lrp_state_dict,
+)
 from pclr.models.tiny import tiny_causal_lm, tiny_llava
 from pclr.query import QueryExtractor
 
@@ -116,6 +123,6 @@ def test_layers_option_injects_only_the_chosen_decoder_layers():
     layers = [n for n, _ in decoder_layers(b.model)]
     inject_lrp(b.model, CFG, projector=False, layers=range(-2, 0))
     assert list(lrp_pools(b.model)) == layers[-2:]
-    assert not any(n.startswith(tuple(l + "." for l in layers[:-2])) for n in lrp_layers(b.model))
+    assert not any(n.startswith(tuple(name + "." for name in layers[:-2])) for n in lrp_layers(b.model))
     with pytest.raises(ValueError, match="out of range"):
         inject_lrp(tiny_llava().model, CFG, layers=[99])

@@ -58,12 +58,12 @@ def test_layer_gate_computed_once_per_forward(monkeypatch):
     monkeypatch.setattr(pool, "gate", lambda q: calls.append(1) or orig(q))
     x = torch.randn(2, 4, 16)
     with pclr.routing(_query(2)):
-        for l in layers:
-            x = l(x)
+        for layer in layers:
+            x = layer(x)
     assert len(calls) == 1
-    assert all(l.n == 10 for l in layers)
+    assert all(layer.n == 10 for layer in layers)
     pool.grow(5)
-    assert all(l.n == 15 and l.trainable.sum() == 15 for l in layers)
+    assert all(layer.n == 15 and layer.trainable.sum() == 15 for layer in layers)
     assert "key_pool" not in dict(layers[0].named_modules())  # shared pool is not duplicated in the state
 
 

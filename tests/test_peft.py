@@ -11,7 +11,6 @@ from pclr.models.tiny import tiny_llava  # noqa: E402
 from pclr.peft import PCLRConfig, PCLRModel  # noqa: E402
 
 
-
 def _inputs(b):
     ids = torch.tensor([[2, 5, 7, *[b.image_token_id] * b.num_image_tokens, 20, 22, 19, 6, 7]])
     return ids, torch.randn(1, 3, b.image_size, b.image_size)

@@ -32,7 +32,8 @@ def _matches(rel_name: str, targets: Union[str, Sequence[str]]) -> bool:
     return any(rel_name == t or rel_name.endswith("." + t) for t in targets)
 
 
-def _select_layers(units: list, layers: Optional[Sequence[int]]) -> list:
+def _select_layers(units: list[tuple[str, nn.Module]],
+                   layers: Optional[Sequence[int]]) -> list[tuple[str, nn.Module]]:
     """The decoder layers named by index in ``layers`` (negative indices count from the top), in model order."""
     if layers is None:
         return units
@@ -92,7 +93,7 @@ def _plan(model: nn.Module, config: LRPConfig, projector: bool,
     return plan
 
 
-def _example_names(units) -> list[str]:
+def _example_names(units: list[tuple[str, nn.Module]]) -> list[str]:
     if not units:
         return []
     return sorted({rel.split(".")[-1] for rel, m in units[0][1].named_modules() if isinstance(m, nn.Linear)})

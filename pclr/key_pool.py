@@ -5,7 +5,7 @@ attached to it, so ``grow``/``prune``/``freeze`` on the pool apply to all of the
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class KeyPool(nn.Module):
     Frozen key rows stay bit-identical under any ``torch.optim`` optimizer (:mod:`pclr.frozen_rows`).
     """
 
-    def __init__(self, query_dims: Sequence[int], config: Optional[LRPConfig] = None, n: int = 0):
+    def __init__(self, query_dims: Sequence[int], config: Optional[LRPConfig] = None, n: int = 0) -> None:
         super().__init__()
         self.config = config or LRPConfig()
         self.query_dims = tuple(int(d) for d in query_dims)
@@ -70,7 +70,7 @@ class KeyPool(nn.Module):
             self._layers.append(layer)
 
     @property
-    def layers(self) -> list:
+    def layers(self) -> list[FusedLRPLinear]:
         return list(self._layers)
 
     def _refuse_if_merged(self, action: str) -> None:
@@ -231,7 +231,7 @@ class KeyPool(nn.Module):
             self._refuse_if_merged("load a state into")
         return n
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         n = self.check_state(state_dict, prefix)
         if n is not None:
             stale = [layer for layer in self._layers if layer.n != n]

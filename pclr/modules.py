@@ -5,7 +5,7 @@ Pool operations (grow/freeze/prune) go through the layer's key pool so every lay
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ class FusedLRPLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, config: Optional[LRPConfig] = None,
-                 key_pool: Optional[KeyPool] = None, query_dims: Optional[Sequence[int]] = None):
+                 key_pool: Optional[KeyPool] = None, query_dims: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -116,7 +116,7 @@ class FusedLRPLinear(nn.Module):
             raise RuntimeError(f"cannot {action} a merged FusedLRPLinear: call unmerge() first")
 
     # ----------------------------------------------------------------------------------------------- pool ops
-    def grow(self, n_new: int, **kwargs) -> None:
+    def grow(self, n_new: int, **kwargs: Any) -> None:
         """Add ``n_new`` trainable experts (through the key pool when there is one, so all its layers grow)."""
         if self.key_pool is not None:
             self.key_pool.grow(n_new, **kwargs)
@@ -324,7 +324,8 @@ class FusedLRPLinear(nn.Module):
                                  f"({prefix}A_m) but its key pool {pool_n}; load the pool and its layers together")
         return n
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], *args: Any, **kwargs: Any) -> None:
         self.check_state(state_dict, prefix)
         resize_from_state(self, state_dict, prefix, ("A_m", "B_m", "A_s", "B_s", "trainable"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
-from typing import Any, ContextManager, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 from peft.config import PeftConfig  # peft is an optional dependency: a missing install surfaces here
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -115,7 +115,7 @@ class PCLRModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: PCLRConfig, model_config: dict) -> PCLRConfig:
         return peft_config
 
-    def _create_and_replace(self, *args, **kwargs) -> None:  # pragma: no cover - inject_adapter does all the work
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - inject_adapter injects
         raise NotImplementedError("PCLR injects through pclr.inject_lrp")
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -134,8 +134,7 @@ class PCLRModel(BaseTuner):
     def _apply_inference_mode(self) -> None:
         """An inference-mode adapter (``PeftModel.from_pretrained`` without ``is_trainable=True``) trains nothing:
         the pools' own bookkeeping would mark trainable rows as requiring grad again after a load."""
-        cfg = self.peft_config.get(self.active_adapter)
-        if cfg is not None and cfg.inference_mode:
+        if any(cfg.inference_mode for cfg in self.peft_config.values()):  # one adapter per model
             for _, p in self.model.named_parameters():
                 p.requires_grad_(False)
 
@@ -155,17 +154,17 @@ class PCLRModel(BaseTuner):
                                  kwargs.pop("has_image", None))
 
     @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PeftModel enters this around its forward/generate: open the routing context of the batch. Task-specific
         PeftModels (e.g. CAUSAL_LM) pass input_ids separately; then PCLRModel.forward/generate open it instead."""
         with self._route(dict(kwargs)) if kwargs.get("input_ids") is not None else nullcontext():
             yield
 
-    def forward(self, *args: Any, **kwargs: Any):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._route(kwargs):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any):
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
         with self._route(kwargs):
             return self.model.generate(*args, **kwargs)
 
@@ -180,7 +179,7 @@ class PCLRModel(BaseTuner):
     def disable_adapter_layers(self) -> None:
         self._set_adapter_layers(False)
 
-    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found")
         self.active_adapter = adapter_name
@@ -188,12 +187,13 @@ class PCLRModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         raise NotImplementedError("PCLR holds one adapter per model")
 
-    def merge_and_unload(self, *args, **kwargs):
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise NotImplementedError("a routed pool has no single merge; use FusedLRPLinear.merge(route) per task")
 
     # ------------------------------------------------------------------------------------------ state dict
     @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+    def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict,
+                                unwanted_adapter_names: Any) -> dict:
         return {k: v for k, v in state_dict.items() if is_lrp_key(k)}
 
     @classmethod
@@ -201,7 +201,8 @@ class PCLRModel(BaseTuner):
         return key  # LRP keys carry no adapter name
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                           state_dict: dict) -> dict:
         own = {k for k in model.state_dict() if is_lrp_key(k)}
         prefix = "base_model.model."
         out = {}

@@ -49,7 +49,7 @@ class QueryExtractor:
     query_dims=(d_text, d_vision).
     """
 
-    def __init__(self, model: nn.Module, image_token_id: Optional[int] = None, auto: bool = False):
+    def __init__(self, model: nn.Module, image_token_id: Optional[int] = None, auto: bool = False) -> None:
         self.model = model
         self.image_token_id = image_token_id if image_token_id is not None else model_image_token_id(model)
         pools = list(lrp_pools(model).values())
@@ -82,13 +82,13 @@ class QueryExtractor:
         self._handles = []
 
     # ------------------------------------------------------------------------------------------- vision hooks
-    def _tower_pre_hook(self, module, args, kwargs):
+    def _tower_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._features = []
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self._grid = grid if isinstance(grid, Tensor) else None
 
     @torch.no_grad()
-    def _block_hook(self, module, args, output):
+    def _block_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         h = output[0] if isinstance(output, (tuple, list)) else output
         h = h.detach()
         if h.dim() == 3:  # [N_img, 1 + P, d] (CLIP, SigLIP)
@@ -101,7 +101,7 @@ class QueryExtractor:
                 sizes = self._grid.prod(-1).tolist()
                 self._features.extend(c.float().mean(0) for c in torch.split(h, sizes, 0))
 
-    def _projector_pre_hook(self, module, args):
+    def _projector_pre_hook(self, module: nn.Module, args: tuple) -> None:
         """The projector sees one row per IMAGE ([N_img, P, d]), not per sample: give its key pool the route rows
         of the image-holding samples, in order, before its first LRP layer gates."""
         pool, state = getattr(module, POOL_ATTR, None), current_routing()
@@ -188,7 +188,7 @@ class QueryExtractor:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------- auto mode
-    def _auto_pre(self, module, args, kwargs):
+    def _auto_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if current_routing() is not None:
             self._auto_stack.append(None)
             return
@@ -203,7 +203,7 @@ class QueryExtractor:
         ctx.__enter__()
         self._auto_stack.append(ctx)
 
-    def _auto_post(self, module, args, output):
+    def _auto_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         ctx = self._auto_stack.pop() if self._auto_stack else None
         if ctx is not None:
             ctx.__exit__(None, None, None)

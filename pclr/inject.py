@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from pclr.config import LRPConfig
 from pclr.hf_anatomy import POOL_ATTR, decoder_layers, find_projector, infer_query_dims
-from pclr.modules import FusedLRPLinear, KeyPool
+from pclr.key_pool import KeyPool
+from pclr.modules import FusedLRPLinear
 
 __all__ = ["inject_lrp", "lrp_pools", "lrp_layers", "is_lrp_key", "lrp_state_dict", "load_lrp_state_dict",
            "lrp_parameters", "freeze_base", "lrp_num_experts", "check_lrp_state", "decoder_layers", "find_projector",

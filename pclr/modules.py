@@ -271,6 +271,8 @@ class FusedLRPLinear(nn.Module):
         if int(idx.min()) < 0 or int(idx.max()) >= self.n:
             raise ValueError(f"route idx values must lie in [0, {self.n}), got min {int(idx.min())}, "
                              f"max {int(idx.max())}")
+        if not bool(torch.isfinite(val).all()):
+            raise ValueError("route val must be finite (a NaN/Inf gate value would poison W)")
         return idx, val
 
     @torch.no_grad()

@@ -175,3 +175,28 @@ def test_inject_and_query_do_not_import_each_other():
 
     code = "import sys, pclr.inject; assert 'pclr.query' not in sys.modules, 'inject pulled in query'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_whole_model_state_of_a_merged_layer_is_unmerged():
+    torch.manual_seed(0)
+    b = tiny_causal_lm()
+    inject_lrp(b.model, CFG)
+    for pool in lrp_pools(b.model).values():
+        pool.grow(4)
+    for layer in lrp_layers(b.model).values():
+        torch.nn.init.normal_(layer.B_m, std=0.3)
+    ids = torch.tensor([[2, 5, 20, 22, 6, 7]])
+    with torch.no_grad(), QueryExtractor(b.model).route(ids):
+        ref = b.model(input_ids=ids).logits
+    name, layer = next(iter(lrp_layers(b.model).items()))
+    w0 = layer.weight.detach().clone()
+    layer.merge((torch.tensor([0, 1]), torch.ones(2)))
+    state = b.model.state_dict()
+    assert torch.equal(state[f"{name}.base_layer.weight"], w0)
+    other = tiny_causal_lm(seed=1)
+    inject_lrp(other.model, CFG)
+    other.model.load_state_dict(state)
+    with torch.no_grad(), QueryExtractor(other.model).route(ids):
+        torch.testing.assert_close(other.model(input_ids=ids).logits, ref, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        b.model.load_state_dict(state)

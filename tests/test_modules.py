@@ -246,6 +246,7 @@ def test_unmerge_restores_the_weight_bit_for_bit():
     (lambda idx, val: (torch.full_like(idx, 10), val), r"\[0, 10\)"),
     (lambda idx, val: (idx, val[:, :2]), "shape of idx"),
     (lambda idx, val: (idx.float(), val), "integer"),
+    (lambda idx, val: (idx, torch.full_like(val, float("nan"))), "finite"),
 ])
 def test_merge_accepts_exactly_one_valid_route(make, match):
     layer, (idx, val) = _merged_pair()

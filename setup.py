@@ -23,7 +23,7 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["pclr", "pclr.backends", "pclr.cil", "pclr.data", "pclr.models", "pclr.kernels"]
+PACKAGES = ["pclr", "pclr.backends", "pclr.backends.triton", "pclr.cil", "pclr.data", "pclr.models", "pclr.kernels"]
 PACKAGE_DIR = {"pclr": "pclr", "pclr.kernels": "kernels"}
 
 
@@ -53,7 +53,7 @@ def _cuda_extension():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except Exception as exc:  # torch absent from the (isolated) build environment
+    except Exception as exc:  # noqa: BLE001  torch absent from the (isolated) build environment
         reason = f"torch is not importable at build time ({exc}); use --no-build-isolation to build pclr._C"
     else:
         if torch.version.cuda is None:

@@ -35,7 +35,8 @@ _LAZY = {
     "TaskPlan": "pclr.cil",
 }
 
-__all__ = [
+# the lazily imported names are strings too (the keys of _LAZY), which the linter cannot see through the star
+__all__ = [  # noqa: PLE0604
     "__version__", "LRPConfig", "BackendUnavailableError", "available_backends", "lrp_gate", "lrp_linear",
     "lrp_gate_linear", "set_forward_variant",
     "FusedLRPLinear", "KeyPool", "routing", "set_validation", *_LAZY,

@@ -12,12 +12,18 @@ Ops: ``"lrp_linear"`` (:class:`LinearInputs`), ``"lrp_gate"`` (:class:`GateInput
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
-from pclr.backends.base import Backend, BackendUnavailableError, GateInputs, GateLinearInputs, LinearInputs
+from pclr.backends.base import (
+    Backend,
+    BackendUnavailableError,
+    GateInputs,
+    GateLinearInputs,
+    LinearInputs,
+)
 from pclr.options import BACKEND_NAMES, DECODE_MAX_TOKENS, BackendName, check_choice
 
-OpInputs = Union[LinearInputs, GateInputs, GateLinearInputs, None]
+OpInputs = LinearInputs | GateInputs | GateLinearInputs | None
 
 
 # Lazy loaders: a backend is imported the first time dispatch asks for it (triton's import compiles nothing, but
@@ -52,13 +58,13 @@ _loaded: dict[str, Backend] = {}
 _import_errors: dict[str, str] = {}
 
 
-def get_backend(name: str) -> Optional[Backend]:
+def get_backend(name: str) -> Backend | None:
     """Import backend ``name`` lazily; ``None`` if it cannot be imported (the reason is kept for :func:`reasons`)."""
     check_choice("backend", name, BACKEND_NAMES)
     if name not in _loaded and name not in _import_errors:
         try:
             _loaded[name] = LOADERS[name]()
-        except Exception as exc:  # a broken optional dependency is a reason, never an import error of pclr
+        except Exception as exc:  # noqa: BLE001  a broken optional dependency is a reason, never an import error of pclr
             _import_errors[name] = f"cannot import the {name} backend: {type(exc).__name__}: {exc}"
     return _loaded.get(name)
 
@@ -74,7 +80,7 @@ def reasons(name: str, op: str, inputs: OpInputs) -> list[str]:
     return list(be.not_supported_reasons(op, inputs))
 
 
-def forced_backend() -> Optional[str]:
+def forced_backend() -> str | None:
     """The backend named by ``PCLR_BACKEND`` (None when unset or empty)."""
     env = os.environ.get("PCLR_BACKEND", "").strip().lower()
     if env:
@@ -82,7 +88,7 @@ def forced_backend() -> Optional[str]:
     return env or None
 
 
-def select(op: str, inputs: OpInputs, backend: Optional[str] = None) -> Backend:
+def select(op: str, inputs: OpInputs, backend: str | None = None) -> Backend:
     """Pick the backend that runs ``op``: the forced one (argument, then env) or the first supported."""
     name = backend or forced_backend()
     if name is not None:

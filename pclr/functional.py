@@ -6,27 +6,35 @@ Each validates its inputs, normalises them to the packed layout and hands them t
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from pclr import dispatch
 from pclr.backends.base import Backend, GateInputs, GateLinearInputs, LinearInputs
-from pclr.options import (FORWARD_VARIANTS, GATE_MODES, GATE_SCOPES, BackendName, ForwardVariant, GateMode,
-                          GateScope, check_choice)
+from pclr.options import (
+    FORWARD_VARIANTS,
+    GATE_MODES,
+    GATE_SCOPES,
+    BackendName,
+    ForwardVariant,
+    GateMode,
+    GateScope,
+    check_choice,
+)
 from pclr.scoring import chosen_scores
 from pclr.validation import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, validation_enabled
 
-Parts = Union[Tensor, Sequence[Tensor]]
+Parts = Tensor | Sequence[Tensor]
 
 # The process-wide default of ``lrp_linear(variant=None)``: PCLR_TRITON_FWD, read once here (not on every call),
 # until set_forward_variant() replaces it. Validated where it is used, so a bad value names the variable.
 _ENV_VARIANT = os.environ.get("PCLR_TRITON_FWD", "").strip().lower() or "auto"
-_variant: Optional[str] = None
+_variant: str | None = None
 
 
-def set_forward_variant(variant: Optional[ForwardVariant]) -> None:
+def set_forward_variant(variant: ForwardVariant | None) -> None:
     """Set the triton forward variant ``lrp_linear`` uses when called without ``variant=`` ("auto" | "fused" |
     "epilogue" | "split"); None restores the default (``PCLR_TRITON_FWD`` as it was at import, else "auto")."""
     global _variant
@@ -56,11 +64,11 @@ def lrp_gate(
     keys: Parts,
     r: int,
     *,
-    weights: Optional[Sequence[float]] = None,
-    candidates: Optional[Tensor] = None,
+    weights: Sequence[float] | None = None,
+    candidates: Tensor | None = None,
     scope: GateScope = "sample",
     mode: GateMode = "hard",
-    backend: Optional[BackendName] = None,
+    backend: BackendName | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Choose the top-``r`` experts per sample by weighted multi-part cosine similarity.
 
@@ -83,8 +91,8 @@ def lrp_gate(
     return _run_gate(dispatch.select("lrp_gate", inputs, backend), inputs)
 
 
-def _gate_inputs(query: Parts, keys: Parts, r: int, weights: Optional[Sequence[float]],
-                 candidates: Optional[Tensor], scope: str, mode: str) -> GateInputs:
+def _gate_inputs(query: Parts, keys: Parts, r: int, weights: Sequence[float] | None,
+                 candidates: Tensor | None, scope: str, mode: str) -> GateInputs:
     """Validated :class:`GateInputs` (errors name the offending argument)."""
     q, k = _as_parts("query", query), _as_parts("keys", keys)
     if len(q) != len(k):
@@ -135,21 +143,21 @@ def _run_gate(be: Backend, inputs: GateInputs) -> tuple[Tensor, Tensor]:
 def lrp_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     A_m: Tensor,
     B_m: Tensor,
     idx: Tensor,
     val: Tensor,
     *,
-    A_s: Optional[Tensor] = None,
-    B_s: Optional[Tensor] = None,
+    A_s: Tensor | None = None,
+    B_s: Tensor | None = None,
     beta_m: float = 1.0,
     beta_s: float = 1.0,
-    sample_of_token: Optional[Tensor] = None,
-    trainable: Optional[Tensor] = None,
-    backend: Optional[BackendName] = None,
+    sample_of_token: Tensor | None = None,
+    trainable: Tensor | None = None,
+    backend: BackendName | None = None,
     deterministic: bool = False,
-    variant: Optional[ForwardVariant] = None,
+    variant: ForwardVariant | None = None,
 ) -> Tensor:
     """Frozen linear plus the gated LoRA rank pool, per sample.
 
@@ -180,24 +188,24 @@ def lrp_linear(
 def lrp_gate_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     A_m: Tensor,
     B_m: Tensor,
     query: Parts,
     keys: Parts,
     r: int,
     *,
-    weights: Optional[Sequence[float]] = None,
-    candidates: Optional[Tensor] = None,
+    weights: Sequence[float] | None = None,
+    candidates: Tensor | None = None,
     mode: GateMode = "hard",
-    A_s: Optional[Tensor] = None,
-    B_s: Optional[Tensor] = None,
+    A_s: Tensor | None = None,
+    B_s: Tensor | None = None,
     beta_m: float = 1.0,
     beta_s: float = 1.0,
-    sample_of_token: Optional[Tensor] = None,
-    trainable: Optional[Tensor] = None,
+    sample_of_token: Tensor | None = None,
+    trainable: Tensor | None = None,
     deterministic: bool = False,
-    backend: Optional[BackendName] = None,
+    backend: BackendName | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-sample gate and the gated linear together: ``lrp_gate`` (scope "sample") then ``lrp_linear``.
 
@@ -235,11 +243,11 @@ def lrp_gate_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0]), idx, val
 
 
-def _linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor,
-                   idx: Optional[Tensor], val: Optional[Tensor], route: Optional[tuple[int, int]],
-                   A_s: Optional[Tensor], B_s: Optional[Tensor], beta_m: float, beta_s: float,
-                   sample_of_token: Optional[Tensor], trainable: Optional[Tensor], deterministic: bool,
-                   variant: Optional[str]) -> LinearInputs:
+def _linear_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor,
+                   idx: Tensor | None, val: Tensor | None, route: tuple[int, int] | None,
+                   A_s: Tensor | None, B_s: Tensor | None, beta_m: float, beta_s: float,
+                   sample_of_token: Tensor | None, trainable: Tensor | None, deterministic: bool,
+                   variant: str | None) -> LinearInputs:
     """Validated :class:`LinearInputs` in the packed layout (errors name the offending argument).
 
     ``route`` = (B, r) stands in for idx/val when the gate has yet to choose them (``lrp_gate_linear``): idx and
@@ -287,7 +295,8 @@ def _linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tenso
         if sample_of_token is not None:
             raise ValueError("sample_of_token is only for packed x [T, d_in]; x is [B, L, d_in]")
         if x.shape[0] != num_samples:
-            raise ValueError(f"x has batch {x.shape[0]} but idx (or the query) has {num_samples} rows")
+            source = "idx" if route is None else "the query"
+            raise ValueError(f"x has batch {x.shape[0]} but {source} has {num_samples} rows; it must be [B, ...]")
         L = x.shape[1]
         padded_len = L
         x2 = x.reshape(num_samples * L, d_in)

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from lrp_cases import make_case, run_case
 
 import pclr
 from pclr import dispatch, functional
 from pclr.backends import custom_op
 from pclr.backends.base import GRAD_FIELDS, LinearGrads, LinearInputs
-from lrp_cases import make_case, run_case
 
 
 def test_cpu_inputs_pick_reference(monkeypatch):
@@ -72,7 +72,7 @@ def test_cli_help_lists_commands():
 
 def test_priority_prefers_cuda_at_decode_triton_otherwise():
     small, big = make_case(B=4, L=1), make_case(B=4, L=32)
-    as_inputs = lambda c: LinearInputs(  # noqa: E731
+    as_inputs = lambda c: LinearInputs(
         c.x.reshape(-1, c.x.shape[-1]), c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, None, None, 1.0, 1.0,
         torch.zeros(c.x.shape[0] * c.x.shape[1], dtype=torch.int32), None)
     assert dispatch.priority("lrp_linear", as_inputs(small))[0] == "cuda"
@@ -145,8 +145,8 @@ def test_gate_linear_reference_equals_gate_then_linear():
             x, A_m, B_m, A_s, B_s = (t.clone().requires_grad_(True) for t in (c.x, c.A_m, c.B_m, c.A_s, c.B_s))
             q = tuple(t.clone().requires_grad_(True) for t in q0)
             k = tuple(t.clone().requires_grad_(True) for t in k0)
-            kw = dict(A_s=A_s, B_s=B_s, beta_m=c.beta_m, beta_s=c.beta_s, sample_of_token=c.sot,
-                      trainable=c.trainable, backend="reference")
+            kw = {"A_s": A_s, "B_s": B_s, "beta_m": c.beta_m, "beta_s": c.beta_s, "sample_of_token": c.sot,
+                      "trainable": c.trainable, "backend": "reference"}
             if path == "pair":
                 idx, val = pclr.lrp_gate(q, k, 3, weights=(1.0, 0.25), mode=mode, backend="reference")
                 y = pclr.lrp_linear(x, c.weight, c.bias, A_m, B_m, idx, val, **kw)

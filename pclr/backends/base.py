@@ -7,7 +7,7 @@ backends that read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -33,17 +33,17 @@ class LinearInputs:
 
     x: Tensor
     weight: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
     A_m: Tensor
     B_m: Tensor
     idx: Tensor
     val: Tensor
-    A_s: Optional[Tensor]
-    B_s: Optional[Tensor]
+    A_s: Tensor | None
+    B_s: Tensor | None
     beta_m: float
     beta_s: float
     sample_of_token: Tensor
-    trainable: Optional[Tensor]
+    trainable: Tensor | None
     padded_len: int = 0
     deterministic: bool = False
     variant: ForwardVariant = "auto"
@@ -62,6 +62,10 @@ class LinearInputs:
         return 0 if self.A_s is None else self.A_s.shape[0]
 
 
+LINEAR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LinearInputs))
+"""The field names of :class:`LinearInputs`, in order (computed once: torch.compile cannot trace ``fields()``)."""
+
+
 @dataclass
 class LinearGrads:
     """Gradients of the differentiable ``lrp_linear`` inputs, by field name (None: not computed).
@@ -70,12 +74,12 @@ class LinearGrads:
     on rows where ``trainable`` is False.
     """
 
-    x: Optional[Tensor] = None
-    A_m: Optional[Tensor] = None
-    B_m: Optional[Tensor] = None
-    val: Optional[Tensor] = None
-    A_s: Optional[Tensor] = None
-    B_s: Optional[Tensor] = None
+    x: Tensor | None = None
+    A_m: Tensor | None = None
+    B_m: Tensor | None = None
+    val: Tensor | None = None
+    A_s: Tensor | None = None
+    B_s: Tensor | None = None
 
 
 GRAD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(LinearGrads))
@@ -114,7 +118,7 @@ class GateInputs:
     keys: tuple[Tensor, ...]
     weights: tuple[float, ...]
     r: int
-    candidates: Optional[Tensor]
+    candidates: Tensor | None
     scope: GateScope
     mode: GateMode
 
@@ -144,7 +148,7 @@ class GateLinearInputs:
 
     def routed(self, idx: Tensor, val: Tensor) -> LinearInputs:
         """The linear inputs with the route the gate chose: idx int32 [B, r], val [B, r]."""
-        values = {f.name: getattr(self.linear, f.name) for f in fields(LinearInputs)}
+        values = {name: getattr(self.linear, name) for name in LINEAR_FIELDS}
         values.update(idx=idx, val=val)
         return LinearInputs(**values)
 
@@ -166,7 +170,7 @@ class Backend(Protocol):
         """idx int32 [B, r], val [B, r]; val carries no autograd (functional.lrp_gate attaches it for soft gates)."""
         ...
 
-    def lrp_gate_linear(self, inputs: GateLinearInputs) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    def lrp_gate_linear(self, inputs: GateLinearInputs) -> tuple[Tensor, Tensor, Tensor] | None:
         """(y [T, d_out], idx, val) in one launch, or None when the backend has no such path for ``inputs`` (the
         caller then runs ``lrp_gate`` and ``lrp_linear`` on it)."""
         ...

@@ -11,14 +11,20 @@ run (``pclr info``, :class:`pclr.backends.base.BackendUnavailableError`), never 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from pclr.backends.base import GateInputs, GateLinearInputs, LinearGrads, LinearInputs, LinearNeeds
+from pclr.backends.base import (
+    GateInputs,
+    GateLinearInputs,
+    LinearGrads,
+    LinearInputs,
+    LinearNeeds,
+)
 from pclr.backends.custom_op import make_lrp_linear_op
 from pclr.options import BackendName
+
 BUILD_HINT = ("build it with `PCLR_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e .` "
               "(needs nvcc and a CUDA-enabled torch)")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,11 +34,11 @@ _INT32_MAX = 2**31 - 1
 
 
 @functools.lru_cache(maxsize=1)
-def extension_reason() -> Optional[str]:
+def extension_reason() -> str | None:
     """Why ``pclr._C`` cannot be used (None when it is loaded and its ops are registered)."""
     try:
         import pclr._C  # noqa: F401  (loading the library registers torch.ops.pclr.cuda_*)
-    except Exception as exc:  # ImportError when not built; OSError / undefined symbols when built for another torch
+    except Exception as exc:  # noqa: BLE001  ImportError when not built; OSError / undefined symbols when built for another torch
         return f"the CUDA extension pclr._C is not available ({type(exc).__name__}: {exc}); {BUILD_HINT}"
     for op in ("cuda_gate", "cuda_lrp_forward", "cuda_lrp_backward"):
         if not hasattr(torch.ops.pclr, op):
@@ -40,12 +46,12 @@ def extension_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _device_reasons(device: Optional[torch.device]) -> list[str]:
+def _device_reasons(device: torch.device | None) -> list[str]:
     if device is not None and device.type != "cuda":
         return [f"the inputs are on {device}; the cuda backend runs CUDA tensors only"]
     if torch.version.cuda is None:
@@ -56,20 +62,20 @@ def _device_reasons(device: Optional[torch.device]) -> list[str]:
         device = torch.device("cuda", torch.cuda.current_device())
     cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if cap < MIN_CAPABILITY:
-        return [f"{device} has compute capability {cap[0]}.{cap[1]}; the cuda backend needs >= "
-                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (sm_80+)"]
+        return [(f"{device} has compute capability {cap[0]}.{cap[1]}; the cuda backend needs >= "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (sm_80+)")]
     return []
 
 
 def _dtype_reason(name: str, t: Tensor) -> list[str]:
     if t.dtype not in DTYPES:
-        return [f"{name} has dtype {str(t.dtype).replace('torch.', '')}; the cuda backend supports float16, "
-                "bfloat16 and float32 (use the reference backend for float64)"]
+        return [(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; the cuda backend supports float16, "
+                "bfloat16 and float32 (use the reference backend for float64)")]
     return []
 
 
 # ---- lrp_linear ---------------------------------------------------------------------------------------------------
-def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
+def _opt(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
@@ -89,7 +95,7 @@ def linear_backward(grad: Tensor, i: LinearInputs, needs: LinearNeeds) -> Linear
         _opt(i.trainable), float(i.beta_m), float(i.beta_s), int(i.padded_len), bool(needs.x), bool(needs.pool),
         bool(needs.val), need_shared)
 
-    def keep(t: Tensor, flag: bool) -> Optional[Tensor]:
+    def keep(t: Tensor, flag: bool) -> Tensor | None:
         return t if flag else None
 
     return LinearGrads(x=keep(dx, needs.x), A_m=keep(dA, needs.pool), B_m=keep(dB, needs.pool),

@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from pclr.backends.base import (GRAD_FIELDS, ROUTE_FIELDS, GateInputs, GateLinearInputs, LinearGrads, LinearInputs,
-                                LinearKernels, LinearNeeds)
+from pclr.backends.base import (
+    GRAD_FIELDS,
+    LINEAR_FIELDS,
+    ROUTE_FIELDS,
+    GateInputs,
+    GateLinearInputs,
+    LinearGrads,
+    LinearInputs,
+    LinearKernels,
+    LinearNeeds,
+)
 from pclr.scoring import chosen_scores
 
 _EMPTY_SHAPE = (0,)
@@ -52,7 +62,7 @@ def _field_schema(cls: type, skip: tuple[str, ...] = ()) -> list[tuple[str, str]
 
 LINEAR_SCHEMA: list[tuple[str, str]] = _field_schema(LinearInputs)
 """The op arguments of ``lrp_linear``: one per :class:`LinearInputs` field, same names, same order."""
-LINEAR_FIELDS: tuple[str, ...] = tuple(name for name, _ in LINEAR_SCHEMA)
+assert tuple(name for name, _ in LINEAR_SCHEMA) == LINEAR_FIELDS
 GATE_SCHEMA: list[tuple[str, str]] = _field_schema(GateInputs)
 GATE_FIELDS: tuple[str, ...] = tuple(name for name, _ in GATE_SCHEMA)
 # the one-launch op takes the linear's arguments minus the route it computes, then the gate's
@@ -121,7 +131,7 @@ def _load(ctx: Any) -> list[Any]:
     return out
 
 
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     # custom ops cannot return None: a gradient that was not computed travels as an empty tensor
     return like.new_empty(_EMPTY_SHAPE) if t is None else t
 
@@ -187,7 +197,7 @@ class LinearOp:
         ctx.needs = LinearNeeds(**{name: bool(ng[name]) and inputs[LINEAR_FIELDS.index(name)] is not None
                                    for name in GRAD_FIELDS})
 
-    def _autograd_backward(self, ctx: Any, grad_y: Tensor, _grad_saved: Any) -> tuple[Optional[Tensor], ...]:
+    def _autograd_backward(self, ctx: Any, grad_y: Tensor, _grad_saved: Any) -> tuple[Tensor | None, ...]:
         *values, saved = _load(ctx)
         grads = self.backward(grad_y, linear_inputs(values), saved if isinstance(saved, list) else [], ctx.needs)
         return tuple(getattr(grads, name) if name in GRAD_FIELDS else None for name in LINEAR_FIELDS)
@@ -230,10 +240,11 @@ def make_gate_op(prefix: str, launch: Callable[[GateInputs], tuple[Tensor, Tenso
     op.register_fake(lambda *args: _gate_fake(gate_inputs(args)))
 
     def call(inputs: GateInputs) -> tuple[Tensor, Tensor]:
-        detached = GateInputs(**{f.name: getattr(inputs, f.name) for f in fields(GateInputs)})
-        detached.query = tuple(t.detach() for t in inputs.query)
-        detached.keys = tuple(t.detach() for t in inputs.keys)
-        return op(*gate_args(detached))
+        args = gate_args(inputs)
+        for name in ("query", "keys"):
+            slot = GATE_FIELDS.index(name)
+            args[slot] = [t.detach() for t in args[slot]]
+        return op(*args)
 
     return call
 
@@ -272,23 +283,23 @@ class GateLinearOp:
         return (x.new_empty((x.shape[0], inputs.linear.weight.shape[0])), x.new_empty((B, r), dtype=torch.int32),
                 x.new_empty((B, r), dtype=torch.float32))
 
-    def _setup_context(self, ctx: Any, args: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        inputs = self._inputs(args)
+    def _setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        named = self._inputs(inputs)
         _, idx, val = output
-        _save(ctx, [*args, idx, val])
+        _save(ctx, [*inputs, idx, val])
         ng = dict(zip(self._names, ctx.needs_input_grad))
-        ctx.qk_grad = inputs.gate.mode == "soft" and (ng["query"] or ng["keys"])
-        ctx.needs = LinearNeeds(val=ctx.qk_grad, **{name: bool(ng[name]) and getattr(inputs.linear, name) is not None
+        ctx.qk_grad = named.gate.mode == "soft" and (ng["query"] or ng["keys"])
+        ctx.needs = LinearNeeds(val=ctx.qk_grad, **{name: bool(ng[name]) and getattr(named.linear, name) is not None
                                                     for name in GRAD_FIELDS if name != "val"})
 
-    def _autograd_backward(self, ctx: Any, grad_y: Tensor, _grad_idx: Any, grad_val: Optional[Tensor]) -> tuple:
+    def _autograd_backward(self, ctx: Any, grad_y: Tensor, _grad_idx: Any, grad_val: Tensor | None) -> tuple:
         *args, idx, val = _load(ctx)
         inputs = self._inputs(tuple(args))
         gate, linear = inputs.gate, inputs.routed(idx, val)
         grads = self._linear_op.backward(grad_y, linear, [], ctx.needs)
         n_parts = len(gate.query)
-        dq: list[Optional[Tensor]] = [None] * n_parts  # list inputs take a list of gradients
-        dk: list[Optional[Tensor]] = [None] * n_parts
+        dq: list[Tensor | None] = [None] * n_parts  # list inputs take a list of gradients
+        dk: list[Tensor | None] = [None] * n_parts
         if ctx.qk_grad:
             total = grads.val if grad_val is None else grads.val + grad_val
             with torch.enable_grad():  # soft gate: route dval through the chosen scores (B·r·d) to query and keys

@@ -6,13 +6,17 @@ inputs are upcast to fp32 for the arithmetic (the same accumulation precision th
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pclr.backends.base import GateInputs, GateLinearInputs, LinearGrads, LinearInputs, LinearNeeds
+from pclr.backends.base import (
+    GateInputs,
+    GateLinearInputs,
+    LinearGrads,
+    LinearInputs,
+    LinearNeeds,
+)
 from pclr.backends.custom_op import make_lrp_linear_op
 from pclr.options import BackendName
 from pclr.scoring import gate_scores
@@ -53,8 +57,8 @@ class Packing:
         return flat if self.slot is None else flat[self.slot]
 
 
-def effective_rows(A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor, A_s: Optional[Tensor],
-                   B_s: Optional[Tensor], beta_m: float, beta_s: float,
+def effective_rows(A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor, A_s: Tensor | None,
+                   B_s: Tensor | None, beta_m: float, beta_s: float,
                    dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-sample active rows: A_eff [B, R, d_in], B_eff [B, R, d_out], scale [B, R] (shared rows first)."""
     i = idx.long()

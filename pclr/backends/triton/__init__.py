@@ -8,20 +8,29 @@ why it cannot run; it never makes ``import pclr`` fail.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from pclr.backends.base import GateInputs, GateLinearInputs, LinearGrads, LinearInputs, LinearNeeds
-from pclr.backends.custom_op import GateLinearOp, make_gate_linear_op, make_gate_op, make_lrp_linear_op
+from pclr.backends.base import (
+    GateInputs,
+    GateLinearInputs,
+    LinearGrads,
+    LinearInputs,
+    LinearNeeds,
+)
+from pclr.backends.custom_op import (
+    GateLinearOp,
+    make_gate_linear_op,
+    make_gate_op,
+    make_lrp_linear_op,
+)
 from pclr.options import BackendName
 
 try:
     from pclr.backends.triton import configs, gate, linear, one_pass
 
-    IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # an absent or broken triton is a reason, never an import error of pclr
+    IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001  an absent or broken triton is a reason, never an import error of pclr
     configs = gate = linear = one_pass = None  # type: ignore[assignment]
     IMPORT_ERROR = f"triton is not importable: {type(exc).__name__}: {exc}"
 
@@ -108,7 +117,7 @@ class TritonBackend:
     def lrp_gate(self, inputs: GateInputs) -> tuple[Tensor, Tensor]:
         return self._gate_op(inputs)
 
-    def lrp_gate_linear(self, inputs: GateLinearInputs) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    def lrp_gate_linear(self, inputs: GateLinearInputs) -> tuple[Tensor, Tensor, Tensor] | None:
         if one_pass.one_pass_reasons(inputs):
             return None  # lrp_gate, then lrp_linear, both on this backend
         return self._gate_linear_op(inputs)

@@ -40,7 +40,7 @@ def acc_types(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
     return torch.float32, triton.language.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smem_limit(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", getattr(props, "shared_memory_per_block", 49152)))

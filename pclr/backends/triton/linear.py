@@ -15,19 +15,34 @@ memory they take.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
 
 from pclr.backends.base import LinearGrads, LinearInputs, LinearNeeds
-from pclr.backends.triton.configs import (INTERPRET, acc_types, block_r, expand_kernel, next_pow2, pool_grad_kernel,
-                                          shrink_kernel)
-from pclr.backends.triton.segments import Tiles, decode_block_m, segment_tokens, tile_block_m
+from pclr.backends.triton.configs import (
+    INTERPRET,
+    acc_types,
+    block_r,
+    expand_kernel,
+    next_pow2,
+    pool_grad_kernel,
+    shrink_kernel,
+)
+from pclr.backends.triton.segments import (
+    Tiles,
+    decode_block_m,
+    segment_tokens,
+    tile_block_m,
+)
 from pclr.kernels import lrp_bwd as bwd_kernels
-from pclr.options import DECODE_MAX_TOKENS, FORWARD_VARIANTS, ForwardVariant, check_choice
+from pclr.options import (
+    DECODE_MAX_TOKENS,
+    FORWARD_VARIANTS,
+    ForwardVariant,
+    check_choice,
+)
 
 
 def forward_variant(T: int, d_out: int, requested: ForwardVariant) -> str:
@@ -45,12 +60,12 @@ def forward_variant(T: int, d_out: int, requested: ForwardVariant) -> str:
     return "epilogue"
 
 
-def rows_or(s: Optional[Tensor], m: Tensor) -> Tensor:
+def rows_or(s: Tensor | None, m: Tensor) -> Tensor:
     # the shared-row pointer is never dereferenced when n_s == 0 (all its lanes are masked)
     return m if s is None else s
 
 
-def launch_shrink(X: Tensor, Ds: Optional[Tensor], Dm: Tensor, idx: Tensor, tiles: Tiles, R: int) -> Tensor:
+def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: Tiles, R: int) -> Tensor:
     """S = X·Down_effᵀ per sample, unscaled: fp32 [T, BLOCK_R] in sorted token order.
 
     X [T, K]; Ds [n_s, K] | None; Dm [n, K]; idx int32 [B, r].
@@ -73,10 +88,10 @@ def launch_shrink(X: Tensor, Ds: Optional[Tensor], Dm: Tensor, idx: Tensor, tile
     return sbuf
 
 
-def launch_expand(out: Tensor, X: Tensor, W: Optional[Tensor], w_strides: tuple[int, int], bias: Optional[Tensor],
-                  Ds: Optional[Tensor], Dm: Tensor, Us: Optional[Tensor], Um: Tensor, idx: Tensor, val: Tensor,
-                  beta_m: float, beta_s: float, *, tiles: Optional[Tiles], sot: Tensor, decode_bm: int = 0,
-                  sbuf: Optional[Tensor] = None, accumulate: bool = False) -> None:
+def launch_expand(out: Tensor, X: Tensor, W: Tensor | None, w_strides: tuple[int, int], bias: Tensor | None,
+                  Ds: Tensor | None, Dm: Tensor, Us: Tensor | None, Um: Tensor, idx: Tensor, val: Tensor,
+                  beta_m: float, beta_s: float, *, tiles: Tiles | None, sot: Tensor, decode_bm: int = 0,
+                  sbuf: Tensor | None = None, accumulate: bool = False) -> None:
     """out (+)= X·Wᵀ + bias + (scale ⊙ X·Down_effᵀ)·Up_eff, per sample.
 
     out [T, N]; X [T, K]; W viewed [N, K] with strides ``w_strides`` (None: no base product); bias [N] | None;
@@ -104,7 +119,7 @@ def launch_expand(out: Tensor, X: Tensor, W: Optional[Tensor], w_strides: tuple[
         sorted_ = tiles.tok is not None
     if n_prog == 0:
         return
-    grid = lambda meta: (n_prog, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (n_prog, triton.cdiv(N, meta["BLOCK_N"]))
     dummy = out
     expand_kernel[grid](
         X, W if has_base else dummy, bias if bias is not None else dummy, out,
@@ -121,7 +136,7 @@ def launch_expand(out: Tensor, X: Tensor, W: Optional[Tensor], w_strides: tuple[
     )
 
 
-def _pool_targets(idx: Tensor, trainable: Optional[Tensor], n: int, n_s: int, br: int, need_pool: bool,
+def _pool_targets(idx: Tensor, trainable: Tensor | None, n: int, n_s: int, br: int, need_pool: bool,
                   need_shared: bool) -> Tensor:
     """Output row of each per-sample partial row [B * BLOCK_R]: pool row, n + shared row, or n + n_s (dropped)."""
     B, r = idx.shape
@@ -137,7 +152,7 @@ def _pool_targets(idx: Tensor, trainable: Optional[Tensor], n: int, n_s: int, br
     return tgt.reshape(-1)
 
 
-def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable: Optional[Tensor], n: int,
+def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable: Tensor | None, n: int,
                       n_s: int, beta_m: float, beta_s: float, tiles: Tiles, *, need_pool: bool, need_shared: bool,
                       deterministic: bool) -> Tensor:
     """Rank-row gradients Σ_samples (scale ⊙ G)ᵀ·X routed to rows: fp32 [n + n_s, D] (pool rows, then shared).
@@ -155,7 +170,7 @@ def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable:
         out = torch.zeros((n + n_s, D), dtype=acc_t, device=X.device)
     else:
         out = torch.empty((B * br, D), dtype=acc_t, device=X.device)
-    grid = lambda meta: (B, triton.cdiv(D, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (B, triton.cdiv(D, meta["BLOCK_N"]))
     pool_grad_kernel[grid](
         G, X, out, idx, val, train if train is not None else idx, tok, tiles.seg_start, tiles.seg_count,
         D, n, n_s, r, G.stride(0), X.stride(0), out.stride(0), idx.stride(0), float(beta_m), float(beta_s),
@@ -191,7 +206,7 @@ def launch_dval(dS: Tensor, u: Tensor, tiles: Tiles, B: int, n_s: int, r: int, b
     return dval
 
 
-def base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
@@ -262,7 +277,7 @@ def linear_backward(grad: Tensor, i: LinearInputs, needs: LinearNeeds) -> Linear
             launch_expand(out.x, grad, weight, wt, None, B_s, B_m, A_s, A_m, idx, val, i.beta_m, i.beta_s,
                           tiles=tiles, sot=sot, sbuf=dS)
     if need_pool or need_shared:
-        kw = dict(need_pool=need_pool, need_shared=need_shared, deterministic=i.deterministic)
+        kw = {"need_pool": need_pool, "need_shared": need_shared, "deterministic": i.deterministic}
         gA = launch_pool_grads(dS, x, *common, **kw)
         gB = launch_pool_grads(u, grad, *common, **kw)
         if need_pool:

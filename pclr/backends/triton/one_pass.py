@@ -59,7 +59,7 @@ def launch_one_pass(inputs: GateLinearInputs) -> tuple[Tensor, Tensor, Tensor]:
     q2, k2 = (q[1], k[1]) if two else (q[0], k[0])
     cand = None if candidates is None else candidates.to(torch.int8).contiguous()
     bias = None if bias is None else bias.contiguous()
-    grid = lambda meta: (n_lrp + B, triton.cdiv(d_out, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (n_lrp + B, triton.cdiv(d_out, meta["BLOCK_N"]))
     one_pass_kernel[grid](
         x, weight, bias if bias is not None else y, y, rows_or(A_s, A_m), A_m, rows_or(B_s, B_m), B_m,
         q[0], k[0], q2, k2, cand if cand is not None else idx, idx, val,

@@ -4,7 +4,6 @@ sized by shapes only (no host sync, so CUDA-graph capturable).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ class Tiles:
     tile_sample, tile_start, tile_end: int32 [num_tiles] (unused slots have start == end);
     """
 
-    tok: Optional[Tensor]
+    tok: Tensor | None
     seg_start: Tensor
     seg_count: Tensor
     tile_sample: Tensor

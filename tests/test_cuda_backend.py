@@ -30,7 +30,12 @@ import pclr
 from pclr import dispatch
 from pclr.backends import cuda as cuda_backend
 from pclr.backends import reference
-from pclr.backends.base import BackendUnavailableError, GateInputs, LinearInputs, LinearNeeds
+from pclr.backends.base import (
+    BackendUnavailableError,
+    GateInputs,
+    LinearInputs,
+    LinearNeeds,
+)
 from pclr.scoring import gate_scores
 
 OPS_CPP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "ops.cpp")

@@ -155,7 +155,7 @@ def test_gate_fake_shapes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gate_half_inputs_gpu(dtype):
-    # large shapes of the limits, half-precision parts: compare the chosen scores, not indices (near ties)
+    # the largest supported shapes (n = 4096, d up to 4096), half-precision parts: compare the chosen scores, not indices (near ties)
     q, k = _problem(8, 4096, (4096, 1024), seed=7, dtype=dtype)
     (idx, val), (idx_r, val_r) = _both(q, k, 256, weights=(1.0, 0.25), mode="soft")
     torch.testing.assert_close(val, val_r, atol=1e-3, rtol=1e-3)

@@ -26,8 +26,9 @@ from pclr.options import BACKEND_NAMES, DECODE_MAX_TOKENS, BackendName, check_ch
 OpInputs = LinearInputs | GateInputs | GateLinearInputs | None
 
 
-# Lazy loaders: a backend is imported the first time dispatch asks for it (triton's import compiles nothing, but
-# pulls in triton itself). Plain functions rather than module names, so "go to definition" reaches each backend.
+# Lazy loaders: a backend is imported the first time dispatch asks for it, because importing the triton backend
+# (triton itself and the kernel decorations) took ~3 s on a 2-core CPU, which `import pclr` should not pay before
+# a triton op is dispatched. Plain functions rather than module names, so "go to definition" reaches each backend.
 def _load_reference() -> Backend:
     from pclr.backends.reference import BACKEND
 

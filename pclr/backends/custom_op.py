@@ -146,7 +146,7 @@ class LinearOp:
     """The registered ``lrp_linear`` op of one backend: call it with :class:`LinearInputs` for y (autograd-aware);
     :meth:`backward` runs the registered backward op (for other ops whose backward is this one's)."""
 
-    def __init__(self, prefix: str, kernels: LinearKernels):
+    def __init__(self, prefix: str, kernels: LinearKernels) -> None:
         self.name = f"pclr::{prefix}_lrp_linear"
         self._kernels = kernels
         self._forward_op = torch.library.custom_op(
@@ -259,7 +259,7 @@ class GateLinearOp:
     _LINEAR_PART = tuple(name for name in LINEAR_FIELDS if name not in ROUTE_FIELDS)
 
     def __init__(self, prefix: str, launch: Callable[[GateLinearInputs], tuple[Tensor, Tensor, Tensor]],
-                 linear_op: LinearOp):
+                 linear_op: LinearOp) -> None:
         self._launch, self._linear_op = launch, linear_op
         self._names = tuple(name for name, _ in GATE_LINEAR_SCHEMA)
         self._op = torch.library.custom_op(

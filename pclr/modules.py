@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from pclr.config import LRPConfig
 from pclr.functional import lrp_gate, lrp_linear
 from pclr.routing import current_routing, expand_route
+from pclr.scoring import gate_scores
 
 Rows = Union[Tensor, Sequence[int], None]
 
@@ -189,7 +190,6 @@ class KeyPool(nn.Module):
         forced = self.always[:k_always]
         idx_f = forced.to(torch.int32).unsqueeze(0).expand(B, -1)
         if cfg.gate_mode == "soft":
-            from pclr.backends.reference import gate_scores
             val_f = gate_scores(q, tuple(k[forced] for k in keys), w).float()
         else:
             val_f = torch.ones(B, k_always, device=dev)

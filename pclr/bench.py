@@ -147,6 +147,10 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(d=(4096, 2048, 5120), tokens=((4096, 8), (128, 8), (1024, 8), (16384, 16)), n=(256, 64, 1024),
                       r=(64, 8, 32), n_s=(32, 0), dtypes=("bf16", "fp16"), decode_B=(1, 8, 64, 256),
                       gate_B=(8, 64, 256), layer_tokens=((4096, 8), (8, 8)), train=_TRAIN_GPU, serve=_SERVE_GPU),
+    # Under a few minutes on one H100/H200: the target point only (bf16), the decode sweep and a decoder layer;
+    # what benchmarks/gpu_check.sh runs (with --modes gate,fwd,fwdbwd,decode,layer).
+    "gpu-check": Preset(d=(4096,), tokens=((4096, 8),), n=(256,), r=(64,), n_s=(32,), dtypes=("bf16",),
+                        decode_B=(1, 8, 64), gate_B=(8,), layer_tokens=((4096, 8), (8, 8))),
     # The whole grid of the issue (an hour or more on one GPU; restrict with --modes / --providers).
     "full": Preset(d=(2048, 4096, 5120), tokens=((1, 1), (16, 16), (256, 8), (1024, 8), (4096, 8), (16384, 16)),
                    n=(64, 256, 1024), r=(8, 32, 64), n_s=(0, 32), dtypes=("bf16", "fp16"), decode_B=(1, 8, 32, 64, 128,

@@ -16,6 +16,7 @@ from pclr.config import LRPConfig
 from pclr.functional import lrp_gate
 from pclr.pool_rows import Rows, check_rows, check_vector, count_arg, resize_from_state, row_mask, source_rows
 from pclr.routing import current_routing
+from pclr.scoring import gate_scores
 
 if TYPE_CHECKING:  # the layers import this module; the pool only calls their row hooks
     from pclr.modules import FusedLRPLinear
@@ -193,7 +194,6 @@ class KeyPool(nn.Module):
         forced = self.always[:k_always]
         idx_f = forced.to(torch.int32).unsqueeze(0).expand(B, -1)
         if cfg.gate_mode == "soft":
-            from pclr.backends.reference import gate_scores
             val_f = gate_scores(q, tuple(k[forced] for k in keys), w).float()
         else:
             val_f = torch.ones(B, k_always, device=dev)

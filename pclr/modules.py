@@ -1,6 +1,7 @@
 """``FusedLRPLinear``: a frozen Linear plus a LoRA rank pool routed per sample (its keys live in a ``KeyPool``).
 
 Pool operations (grow/freeze/prune) go through the layer's key pool so every layer sharing it keeps the same n.
+``KeyPool`` lives in :mod:`pclr.key_pool` and is re-exported here, where it has always been importable from.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from pclr.bench import providers as providers_mod
 from pclr.bench.providers import ONE_PASS_UNAVAILABLE, triton_forward_variant
 from pclr.bench.shapes import TARGET
 from pclr.cli import main as pclr_main
+from pclr.functional import forward_variant
 
 KERNEL_MODES = ("gate", "fwd", "fwdbwd", "decode", "layer")
 
@@ -106,13 +107,13 @@ def test_every_provider_declares_its_modes() -> None:
 
 
 def test_triton_forward_variant_is_scoped() -> None:
-    before = os.environ.get("PCLR_TRITON_FWD")
+    before = forward_variant()
     with triton_forward_variant("split"):
-        assert os.environ["PCLR_TRITON_FWD"] == "split"
+        assert forward_variant() == "split"
         with bench.PROVIDERS["pclr-triton-fused"].context():
-            assert os.environ["PCLR_TRITON_FWD"] == "fused"
-        assert os.environ["PCLR_TRITON_FWD"] == "split"
-    assert os.environ.get("PCLR_TRITON_FWD") == before
+            assert forward_variant() == "fused"
+        assert forward_variant() == "split"
+    assert forward_variant() == before
 
 
 def _gate_then_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, query: Any,

@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 import pclr
+from pclr import available_backends
 from pclr.bench.shapes import CPU_LABEL
-from pclr.dispatch import available_backends
 
 # Dense (no sparsity) vendor datasheet peaks: TFLOP/s per dtype and HBM GB/s. Matched by substring of the device
 # name, most specific first. fp32 is the non-tensor-core rate (torch keeps TF32 off for matmul by default).

@@ -1,9 +1,10 @@
 """The PCLR authors' formulation, written as their code writes it, so the benchmark can time it side by side.
 
 A is stored [d_in, n] (column j = expert j) and B [n, d_out]; the gate is the cosine of every sample's query with every
-key (the vision part weighted :data:`~pclr.bench.shapes.VISION_WEIGHT`), recomputed inside every linear and summed
-over the batch, so the whole batch takes one route: ``torch.matmul((x @ A[:, idx]) * mask, B[idx])``.
-This is its own code on purpose: it is the formulation being compared against, not pclr's gate.
+key (the vision part weighted :data:`~pclr.bench.shapes.VISION_WEIGHT`; :func:`pclr.scoring.gate_scores`), recomputed
+inside every linear and summed over the batch, so the whole batch takes one route:
+``torch.matmul((x @ A[:, idx]) * mask, B[idx])``. The rest is its own code on purpose: it is the formulation being
+compared against, not pclr's gate and linear.
 """
 from __future__ import annotations
 
@@ -15,24 +16,13 @@ from torch import Tensor, nn
 
 from pclr.bench.shapes import ALPHA, GATE_WEIGHTS
 from pclr.routing import current_routing
+from pclr.scoring import gate_scores
 
 
-def cosine_scores(query: Sequence[Tensor], keys: Sequence[Tensor],
-                  weights: Sequence[float] = GATE_WEIGHTS) -> Tensor:
-    """score[b, j] = Σ_p w_p · cos(query_p[b], keys_p[j]).
-
-    Args:
-        query: parts [B, d_p]; keys: parts [n, d_p] (same number of parts); weights: per part, the first
-            len(query) used (the default weighs the text part 1 and the vision part VISION_WEIGHT).
-    Returns:
-        [B, n] in the dtype of the parts.
-    """
-    score: Optional[Tensor] = None
-    for q, k, w in zip(query, keys, weights[:len(query)], strict=True):
-        s = w * (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).t())
-        score = s if score is None else score + s
-    assert score is not None, "cosine_scores needs at least one query/key part"
-    return score
+def cosine_scores(query: Sequence[Tensor], keys: Sequence[Tensor]) -> Tensor:
+    """score [B, n] = Σ_p w_p · cos(query_p[b], keys_p[j]) with the benchmark's part weights (text 1, vision
+    VISION_WEIGHT); query parts [B, d_p], keys parts [n, d_p]; fp32."""
+    return gate_scores(query, keys, GATE_WEIGHTS[:len(query)])
 
 
 def paper_gate(query: Sequence[Tensor], keys: Sequence[Tensor], r: int) -> tuple[Tensor, Tensor]:

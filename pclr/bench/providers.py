@@ -7,7 +7,6 @@ pclr is called only through its public functions (``pclr.lrp_linear``, ``pclr.lr
 """
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Optional
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from pclr import available_backends
 from pclr.bench.baselines import BASELINES
 from pclr.bench.models import replace_linears, tiny_llama
 from pclr.bench.problems import Problem
@@ -32,12 +32,11 @@ from pclr.bench.provider import (
 )
 from pclr.bench.shapes import GATE_WEIGHTS
 from pclr.config import LRPConfig
-from pclr.dispatch import available_backends
-from pclr.functional import lrp_gate, lrp_linear
+from pclr.functional import forward_variant, lrp_gate, lrp_linear, set_forward_variant
 from pclr.modules import FusedLRPLinear, KeyPool
 from pclr.options import ForwardVariant
 
-try:  # the one-launch gate + LRP; older versions of pclr do not have it
+try:  # the gate and the LRP together; versions of pclr before it have no such function
     from pclr import lrp_gate_linear
 except ImportError:
     lrp_gate_linear = None
@@ -48,20 +47,17 @@ ONE_PASS_UNAVAILABLE: Optional[str] = (
 
 @contextmanager
 def triton_forward_variant(variant: ForwardVariant) -> Iterator[None]:
-    """Force the triton backend's forward variant while a provider is built and timed.
+    """Make ``variant`` the triton forward variant ``lrp_linear`` and :class:`pclr.FusedLRPLinear` use while a
+    provider is built and timed (``pclr.set_forward_variant``), then put the previous default back.
 
-    The only place the benchmark chooses a variant: today through ``PCLR_TRITON_FWD`` (read by the backend on every
-    call); when the variant becomes an explicit backend option, this is the line to change.
+    The only place the benchmark chooses a variant.
     """
-    old = os.environ.get("PCLR_TRITON_FWD")
-    os.environ["PCLR_TRITON_FWD"] = variant
+    old = forward_variant()
+    set_forward_variant(variant)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("PCLR_TRITON_FWD", None)
-        else:
-            os.environ["PCLR_TRITON_FWD"] = old
+        set_forward_variant(old)
 
 
 class PclrBackend(Provider):

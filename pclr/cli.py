@@ -19,7 +19,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
             "Run a continual-learning experiment (default: CoIN-mini, LoRA vs LoRA+LwF vs PCLR)."),
     "eval": ("pclr.experiment", "add_eval_arguments", "eval_main",
              "Evaluate a saved run on every task and rewrite its report."),
-    "bench": ("pclr.bench", "add_bench_arguments", "bench_main",
+    "bench": ("pclr.bench.cli", "add_bench_arguments", "bench_main",
               "Benchmark the LRP kernels against base Linear, the paper's formulation, dense and PEFT LoRA."),
 }
 

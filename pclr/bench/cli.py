@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import replace
@@ -13,9 +14,18 @@ from pclr.bench.harness import SweepConfig, run_sweep
 from pclr.bench.meta import collect_meta, device_slug, row_label
 from pclr.bench.provider import RunOptions
 from pclr.bench.providers import PROVIDERS
-from pclr.bench.report import CHARTS_UNAVAILABLE, format_table, write_charts, write_csv, write_json, write_markdown
+from pclr.bench.report import (
+    CHARTS_UNAVAILABLE,
+    TABLE_COLUMNS,
+    WORK_TABLE_COLUMNS,
+    format_table,
+    write_charts,
+    write_csv,
+    write_json,
+    write_markdown,
+)
 from pclr.bench.results import status_counts
-from pclr.bench.shapes import CPU_LABEL, DTYPES, MODES, PRESETS, Preset
+from pclr.bench.shapes import CPU_LABEL, DTYPES, MODES, PRESETS, WORK_LABEL, Preset
 
 DESCRIPTION = ("Benchmark the LRP kernels against base Linear, the paper's formulation, dense and PEFT LoRA: every "
                "provider on identical inputs, one row per provider and point.")
@@ -24,6 +34,7 @@ examples:
   pclr bench --preset smoke                 CPU, seconds: every code path, measures nothing
   pclr bench                                GPU: the default sweep, a few minutes
   pclr bench --preset gpu-check             GPU: only the target point, decode B=1,8,64
+  pclr bench --work --json                  CPU: executed FLOPs/bytes/launches of each path vs its floor
   pclr bench --preset full --modes fwd,decode --providers base,pclr-triton-fused,pclr-cuda,paper
 
 presets:
@@ -61,6 +72,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help=f"comma list of {','.join(MODES)} (default: the preset's modes)")
     sweep.add_argument("--providers", type=_csv_list, default=None,
                        help=f"comma list of {','.join(PROVIDERS)} (default: all)")
+    sweep.add_argument("--work", action="store_true",
+                       help="count executed work instead of timing: each path runs once through the Triton "
+                            "interpreter (CPU) and its tl.dot FLOPs, unmasked load/store bytes and launches are "
+                            "compared with the floor of the same call (default preset: work)")
     sweep.add_argument("--dtypes", type=_csv_list, default=None,
                        help="comma list of fp32,bf16,fp16 (default: the preset's on GPU, fp32 on CPU)")
     where = parser.add_argument_group("where and how")
@@ -74,6 +89,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     out.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     out.add_argument("--no-plots", action="store_true", help="skip the PNG charts")
     out.add_argument("--strict", action="store_true", help="exit 1 when any provider errors (skips are fine)")
+    out.add_argument("--json", action="store_true", help="also print the rows as JSON on stdout (after the table)")
     return parser
 
 
@@ -97,6 +113,11 @@ def _preset(args: argparse.Namespace, device: torch.device) -> Preset:
 def bench_main(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     """Run the sweep of ``args``; print the table; write bench.csv, bench.json, bench.md and <mode>.png.
     Returns an exit code (2: bad arguments; 1 with --strict: a provider errored)."""
+    if args.work:
+        if args.device == "cuda":
+            return _fail("--work counts through the Triton interpreter, which runs on the CPU: drop --device cuda")
+        args.device, args.interpreter = "cpu", True
+        args.preset = args.preset or "work"
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,23 +148,27 @@ def bench_main(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
     print(f"pclr bench: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"preset {args.preset}" + (f" | {CPU_LABEL}" if device.type != "cuda" else ""))
 
-    cfg = SweepConfig(device=device, preset=preset, modes=args.modes, dtypes=dtypes, label=row_label(device),
-                      peaks=meta["peaks"], opts=RunOptions(interpreter=args.interpreter))
+    cfg = SweepConfig(device=device, preset=preset, modes=args.modes, dtypes=dtypes, label=WORK_LABEL if args.work else row_label(device),
+                      peaks=meta["peaks"], opts=RunOptions(interpreter=args.interpreter),
+                      measure="work" if args.work else "time")
     rows = run_sweep([PROVIDERS[p] for p in args.providers], cfg,
                      progress=lambda msg: print(f"pclr bench: {msg}", file=sys.stderr, flush=True))
 
-    print(format_table(rows))
+    columns = WORK_TABLE_COLUMNS if args.work else TABLE_COLUMNS
+    print(format_table(rows, columns))
     write_csv(rows, os.path.join(out_dir, "bench.csv"))
     write_json(rows, meta, os.path.join(out_dir, "bench.json"))
-    write_markdown(rows, meta, os.path.join(out_dir, "bench.md"))
-    charts = [] if args.no_plots else write_charts(rows, out_dir, meta["label"])
+    write_markdown(rows, meta, os.path.join(out_dir, "bench.md"), columns)
+    charts = [] if args.no_plots or args.work else write_charts(rows, out_dir, meta["label"])
     if not args.no_plots and CHARTS_UNAVAILABLE:
         print(f"pclr bench: no charts ({CHARTS_UNAVAILABLE})", file=sys.stderr)
     counts = status_counts(rows)
     written = "bench.csv, bench.json, bench.md" + (f", {len(charts)} charts" if charts else "")
     print(f"pclr bench: {counts} rows -> {out_dir} ({written})")
-    if device.type != "cuda":
+    if device.type != "cuda" and not args.work:
         print(f"pclr bench: every row above is {CPU_LABEL}.")
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, default=str))
     return 1 if args.strict and (counts["error"] or counts["oom"]) else 0
 
 

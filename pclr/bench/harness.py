@@ -1,8 +1,8 @@
 """Run a sweep: every provider at every point on the same inputs, one row each, never stopping at a failure.
 
 What is measured at a point is a :class:`Measure` looked up by name in :data:`MEASURES`; ``time`` (wall time, peak
-memory and the rates against the ideal cost) is the one the CLI runs. Another kind of measurement of the same
-built callables plugs in there without touching the sweep.
+memory and the rates against the ideal cost) is what the CLI runs by default; ``work`` (``--work``: executed FLOPs,
+bytes and launches counted through the Triton interpreter, against the floor) is the other.
 """
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ import torch
 
 from pclr import BackendUnavailableError
 from pclr.bench.models import run_serve, run_train
-from pclr.bench.problems import make_problem
+from pclr.bench.problems import Problem, make_problem
 from pclr.bench.provider import Built, Provider, RunOptions, Skip
 from pclr.bench.results import Row, fill_kernel_ratio, kernel_row
 from pclr.bench.shapes import Preset, Shape, sweep_shapes
 from pclr.bench.timing import peak_memory_mb, synchronize, time_fn
+from pclr.bench.work import measure_work
 
-Measure = Callable[[Shape, Provider, Built, torch.device, Preset, str, Optional[dict[str, Any]]], Row]
-"""(point, provider, its built callable already run once, device, preset, label, datasheet peaks) -> an ``ok`` row."""
+Measure = Callable[[Shape, Provider, Built, torch.device, Preset, str, Optional[dict[str, Any]], Problem], Row]
+"""(point, provider, its built callable already run once, device, preset, label, datasheet peaks, the point's
+inputs) -> an ``ok`` row."""
 
 
 def measure_time(shape: Shape, provider: Provider, built: Built, device: torch.device, preset: Preset, label: str,
-                 peaks: Optional[dict[str, Any]]) -> Row:
+                 peaks: Optional[dict[str, Any]], problem: Optional[Problem] = None) -> Row:
     """Peak memory of one call, then the timing of ``preset.warmup`` / ``preset.rep`` (see :func:`time_fn`)."""
     for t in built.grads:
         t.grad = None  # so the peak counts the gradients this call allocates
@@ -33,7 +35,7 @@ def measure_time(shape: Shape, provider: Provider, built: Built, device: torch.d
     return kernel_row(shape, provider, "ok", label, timing=timing, mem=mem, peaks=peaks)
 
 
-MEASURES: dict[str, Measure] = {"time": measure_time}
+MEASURES: dict[str, Measure] = {"time": measure_time, "work": measure_work}
 
 
 @dataclass
@@ -72,7 +74,7 @@ def run_kernel_point(shape: Shape, providers: Sequence[Provider], cfg: SweepConf
                 built = provider.build(p, cfg.opts)
                 built.fn()  # compile/autotune outside the measurement; a failure here is the provider's error
                 synchronize(device)
-                rows.append(measure(shape, provider, built, device, cfg.preset, cfg.label, cfg.peaks))
+                rows.append(measure(shape, provider, built, device, cfg.preset, cfg.label, cfg.peaks, p))
         except (Skip, BackendUnavailableError) as exc:
             rows.append(kernel_row(shape, provider, "skipped", cfg.label, note=str(exc)))
         except torch.cuda.OutOfMemoryError as exc:

@@ -16,9 +16,12 @@ except ImportError:  # pragma: no cover - depends on the installation
     matplotlib = None
 
 CHARTS_UNAVAILABLE = None if matplotlib is not None else "matplotlib is not installed"
-_TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s", "median_ms", "p20_ms", "p80_ms",
+TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s", "median_ms", "p20_ms", "p80_ms",
                   "ratio_to_base", "tflops", "gbps", "peak_mem_mb", "tokens_per_s")
-_HEADINGS = {"median_ms": "ms", "p20_ms": "p20", "p80_ms": "p80", "ratio_to_base": "x base", "tflops": "TFLOP/s",
+WORK_TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s", "work_flops", "flops_vs_floor",
+                      "work_bytes", "bytes_vs_floor", "work_launches")
+_HEADINGS = {"work_flops": "FLOPs", "flops_vs_floor": "x floor", "work_bytes": "bytes", "bytes_vs_floor": "x floor(B)",
+             "work_launches": "launches", "median_ms": "ms", "p20_ms": "p20", "p80_ms": "p80", "ratio_to_base": "x base", "tflops": "TFLOP/s",
              "gbps": "GB/s", "peak_mem_mb": "mem MiB", "tokens_per_s": "tok/s", "d_in": "d"}
 
 
@@ -32,17 +35,17 @@ def _status(r: Row, width: int = 90) -> str:
     return (r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note']}")[:width]
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def format_table(rows: Sequence[Row], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """A fixed-width text table of the rows (skipped rows show their reason)."""
-    cells = [[_HEADINGS.get(c, c) for c in _TABLE_COLUMNS] + ["status"]]
+    cells = [[_HEADINGS.get(c, c) for c in columns] + ["status"]]
     for r in rows:
-        cells.append([_fmt(r[c]) for c in _TABLE_COLUMNS] + [_status(r)])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE_COLUMNS))]
+        cells.append([_fmt(r[c], 4) for c in columns] + [_status(r)])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ("  ".join(c.rjust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1] for row in cells)
     return "\n".join(lines)
 
 
-def format_markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
+def format_markdown(rows: Sequence[Row], meta: dict[str, Any], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """One markdown table per mode (rows as measured, skipped ones with their reason), under the run's device and
     command; every CPU run carries its label in the title."""
     lines = [f"# pclr bench: {meta['label']}", "",
@@ -52,11 +55,11 @@ def format_markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         mrows = [r for r in rows if r["mode"] == mode]
         if not mrows:
             continue
-        lines += [f"## {mode}", "", "| " + " | ".join(_HEADINGS.get(c, c) for c in _TABLE_COLUMNS[1:]) + " | status |",
-                  "|" + " --- |" * len(_TABLE_COLUMNS)]
+        lines += [f"## {mode}", "", "| " + " | ".join(_HEADINGS.get(c, c) for c in columns[1:]) + " | status |",
+                  "|" + " --- |" * len(columns)]
         for r in mrows:
             status = _status(r, 200).replace("|", "/")
-            lines.append("| " + " | ".join(_fmt(r[c]) for c in _TABLE_COLUMNS[1:]) + f" | {status} |")
+            lines.append("| " + " | ".join(_fmt(r[c], 4) for c in columns[1:]) + f" | {status} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -76,10 +79,11 @@ def write_json(rows: Sequence[Row], meta: dict[str, Any], path: str) -> None:
         json.dump({"meta": meta, "columns": list(COLUMNS), "rows": list(rows)}, f, indent=1, default=str)
 
 
-def write_markdown(rows: Sequence[Row], meta: dict[str, Any], path: str) -> None:
+def write_markdown(rows: Sequence[Row], meta: dict[str, Any], path: str,
+                   columns: Sequence[str] = TABLE_COLUMNS) -> None:
     """bench.md: :func:`format_markdown`."""
     with open(path, "w") as f:
-        f.write(format_markdown(rows, meta))
+        f.write(format_markdown(rows, meta, columns))
 
 
 def write_charts(rows: Sequence[Row], out_dir: str, label: str) -> list[str]:

@@ -15,7 +15,8 @@ from pclr.bench.timing import Timing, quantiles
 COLUMNS: tuple[str, ...] = (
     "mode", "provider", "status", "dtype", "d_in", "d_out", "T", "B", "n", "r", "n_s", "R",
     "median_ms", "p20_ms", "p80_ms", "ratio_to_base", "tflops", "pct_peak_tflops", "gbps", "pct_peak_gbps",
-    "peak_mem_mb", "tokens_per_s", "note", "label",
+    "peak_mem_mb", "tokens_per_s", "work_flops", "work_bytes", "work_launches", "flops_vs_floor", "bytes_vs_floor",
+    "note", "label",
 )
 STATUSES: tuple[str, ...] = ("ok", "skipped", "error", "oom")
 
@@ -64,9 +65,10 @@ def model_row(mode: str, provider: Provider, cfg: dict[str, Any], dtype: str, to
 
 def fill_kernel_ratio(rows: list[Row]) -> None:
     """ratio_to_base for the rows of one kernel-level point: against its ``base`` row."""
-    base = next((r for r in rows if r["provider"] == "base" and r["status"] == "ok"), None)
+    base = next((r for r in rows if r["provider"] == "base" and r["status"] == "ok"
+                 and isinstance(r["median_ms"], float)), None)
     for r in rows:
-        if base is not None and r["status"] == "ok":
+        if base is not None and r["status"] == "ok" and isinstance(r["median_ms"], float):
             r["ratio_to_base"] = r["median_ms"] / base["median_ms"]
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 CPU_LABEL = "CPU, not a performance figure"
+WORK_LABEL = "executed work (Triton interpreter, fp32 elements), not a time"
 
 LINEAR_MODES: tuple[str, ...] = ("fwd", "fwdbwd", "decode", "layer")
 """Modes timed on one call of the LRP linear (or a decoder layer's 7 linears) on random inputs."""
@@ -109,6 +110,10 @@ _SERVE_GPU = dict(hidden=2048, layers=4, heads=16, ffn=5632, vocab=32000, prompt
 # n_s = 32 (R = 96).
 TARGET = dict(d=4096, tokens=(4096, 8), n=256, r=64, n_s=32, dtype="bf16")
 
+# The target point scaled down so the Triton interpreter can execute it (``--work``): d = 1024, T = 1024 in 8
+# samples, n = 64, r = 24, n_s = 8, so R = 32 and the LRP adds 6.25 % to the base FLOPs, as R = 96 does at d = 4096.
+WORK_POINT = dict(d=1024, tokens=(1024, 8), n=64, r=24, n_s=8, dtype="fp32")
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         d=(64,), tokens=((16, 2), (64, 4)), n=(16,), r=(4,), n_s=(4, 0), dtypes=("fp32",), decode_B=(1, 4),
@@ -122,6 +127,12 @@ PRESETS: dict[str, Preset] = {
         modes=("gate", "fwd", "fwdbwd", "decode", "layer"),
         summary="minutes on one GPU: only the target point (bf16, d=4096, T=4096 in 8 samples, n=256, r=64, n_s=32), "
                 "decode B=1,8,64, no model-level modes"),
+    "work": Preset(
+        d=(WORK_POINT["d"],), tokens=(WORK_POINT["tokens"],), n=(WORK_POINT["n"],), r=(WORK_POINT["r"],),
+        n_s=(WORK_POINT["n_s"],), dtypes=(WORK_POINT["dtype"],), decode_B=(8, 64), gate_B=(8,),
+        layer_tokens=(WORK_POINT["tokens"],), modes=("fwd", "fwdbwd", "decode"), warmup=0, rep=1,
+        summary="--work: the scaled target point (d=1024, T=1024 in 8 samples, n=64, r=24, n_s=8) and decode B=8, 64, "
+                "executed through the Triton interpreter"),
     "default": Preset(
         d=(4096, 2048, 5120), tokens=((4096, 8), (128, 8), (1024, 8), (16384, 16)), n=(256, 64, 1024), r=(64, 8, 32),
         n_s=(32, 0), dtypes=("bf16", "fp16"), decode_B=(1, 8, 64, 256), gate_B=(8, 64, 256),

@@ -23,7 +23,8 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["pclr", "pclr.backends", "pclr.cil", "pclr.data", "pclr.models", "pclr.kernels"]
+PACKAGES = ["pclr", "pclr.backends", "pclr.cil", "pclr.models", "pclr.demo", "pclr.demo.data", "pclr.demo.models",
+            "pclr.kernels"]
 PACKAGE_DIR = {"pclr": "pclr", "pclr.kernels": "kernels"}
 
 

@@ -8,7 +8,8 @@ from cil_helpers import small_config, synthetic_tasks
 from pclr import LRPConfig
 from pclr.cil import CILTrainer, TaskPlan
 from pclr.cil.compression import COMPRESSORS, compress_pool, kept_count
-from pclr.cil.integration import prefill_prototype_routes, topk_sqrt_kl
+from pclr.cil.integration import topk_sqrt_kl
+from pclr.cil.prototypes import prefill_prototype_routes
 from pclr.cil.schedule import COIN8, auto_schedule, resolve_schedule, simulate
 from pclr.inject import lrp_layers, lrp_pools
 from pclr.models.tiny import tiny_causal_lm, tiny_llava
@@ -76,7 +77,7 @@ def test_integration_freezes_keys_trains_experts_and_reduces_kl(tmp_path):
     assert all(p.n == 2 for p in tr.pools)
     assert all(l.n_shared == 2 and not l.B_s.any() for l in lrp_layers(tr.model).values())
     teacher = tr.teacher
-    from pclr.data.coin import CoINCollator
+    from pclr.cil.data import CoINCollator
 
     batch = CoINCollator(tr.bundle, "train")(tasks[1].train)
     kl_before = _kl_on_batch(tr, teacher, batch, 0)
@@ -191,7 +192,7 @@ def test_prototype_routing_soft_gate_and_nearest_init(tmp_path):
     tr._seed(1, "learn")
     tr._phase_learn(1)
     assert all(p.n == 4 for p in tr.pools)
-    from pclr.data.coin import CoINCollator
+    from pclr.cil.data import CoINCollator
 
     batch = CoINCollator(tr.bundle, "generate")(tasks[0].test[:3])
     model_in, rest = tr._split(batch)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pclr.experiment import add_eval_arguments, add_run_arguments, eval_main, run_main
+from pclr.demo.experiment import add_eval_arguments, add_run_arguments, eval_main, run_main
 
 
 def _args(*argv):

@@ -1,9 +1,9 @@
 """The mini LLaVA pipeline on its tiny preset: cached alignment, and the exact frozen-prefix cache."""
 import torch
 
-from pclr.data.captions import caption_samples
-from pclr.data.coin import CoINCollator, split_batch
-from pclr.models.smol import build_mini_llava, inject_top_layers
+from pclr.demo.data.captions import caption_samples
+from pclr.cil.data import CoINCollator, split_batch
+from pclr.demo.models.smol import build_mini_llava, inject_top_layers
 
 
 def test_tiny_build_is_cached_and_prefix_cache_is_exact(tmp_path):

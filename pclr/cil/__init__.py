@@ -1,4 +1,4 @@
-"""Continual instruction tuning with PCLR: Compression → Integration → Learning per task (SPEC §3).
+"""Continual instruction tuning with PCLR: Compression → Integration → Learning per task.
 
 API::
 

@@ -1,4 +1,4 @@
-"""Progressive schedules: how many experts each task adds and how much compression frees before it (SPEC §3).
+"""Progressive schedules: how many experts each task adds and how much compression frees before it.
 
     resolve_schedule("coin8", n_tasks=8, lrp=LRPConfig())      # the paper's CoIN schedule
     resolve_schedule("auto", n_tasks=5, lrp=LRPConfig(r=8, budget=32))

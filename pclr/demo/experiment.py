@@ -19,30 +19,30 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
-import platform
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+
+from pclr.cil.config import CILConfig, Task, TaskPlan
+from pclr.cil.metrics import summarize
+from pclr.cil.trainer import CILTrainer
+from pclr.config import LRPConfig
+from pclr.demo.data.coin_mini import TASK_ORDER, VERSION, generate
+from pclr.demo.models.smol import build_mini_llava, inject_top_layers
+from pclr.demo.report import atomic_write, jsonable, machine, table, write_report
+from pclr.inject import lrp_layers, lrp_pools
 
 METHOD_ALIASES = {"lora": "lora", "lora_lwf": "lora_lwf", "lora-lwf": "lora_lwf", "lwf": "lora_lwf",
                   "pclr": "pclr", "pclr_lwf": "pclr_lwf", "pclr-lwf": "pclr_lwf"}
 METHOD_LABELS = {"lora": "LoRA", "lora_lwf": "LoRA+LwF", "pclr": "PCLR", "pclr_lwf": "PCLR-LwF"}
 RUN_FORMAT = 1
-EVAL_NOTES = {
-    "forced": "one teacher-forced forward per batch; a sample is correct iff the argmax at every answer position "
-              "(end token included) is the gold token, i.e. iff greedy decoding returns the gold answer verbatim. "
-              "This is greedy exact match (a lower bound of CoIN's normalised matching); Grounding counts exact "
-              "boxes only (a lower bound of IoU >= 0.5).",
-    "forced_generate": "teacher-forced greedy exact match; Grounding samples that fail it are generated and scored "
-                       "by IoU >= 0.5.",
-    "generate": "greedy generation, CoIN scoring (normalised exact match, option letter, IoU >= 0.5).",
-}
-
 
 class UsageError(Exception):
     """Bad input: reported as one clear line, exit code 2."""
@@ -51,8 +51,7 @@ class UsageError(Exception):
 @dataclass
 class Preset:
     """Sizes of one experiment preset (see ``PRESETS``)."""
-
-    model: str = "smol"  # pclr.models.smol preset
+    model: str = "smol"  # pclr.demo.models.smol preset
     tasks: tuple[str, ...] = ()  # empty = all eight CoIN-mini tasks
     n_train: int = 80
     n_test: int = 60
@@ -78,7 +77,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2-core CPU, <= 15 min for 3 methods x 8 tasks (see pclr/models/smol.py for the plan and timings)
+    # 2-core CPU, <= 15 min for 3 methods x 8 tasks (see pclr/demo/models/smol.py for the plan and timings)
     "default": Preset(),
     # <= 3 min on 2 CPU cores (model cached): same 8 tasks and methods, fewer samples/steps
     "quick": Preset(n_train=24, n_test=16, lrp_layers=4, integration_steps=3),
@@ -138,8 +137,6 @@ def _split_list(s: Optional[str]) -> Optional[list[str]]:
 
 def parse_schedule(s: str):
     """'auto' | 'coin8' | 'n[:keep],...' → what CILConfig.schedule accepts."""
-    from pclr.cil.config import TaskPlan
-
     if s in ("auto", "coin8"):
         return s
     plans = []
@@ -159,8 +156,6 @@ def parse_schedule(s: str):
 
 def resolve(args: argparse.Namespace) -> dict:
     """The run's identity (everything that determines its results), validated; raises UsageError."""
-    from pclr.data.coin_mini import TASK_ORDER
-
     preset = PRESETS[args.preset]
     methods = _split_list(args.methods) or list(preset.methods)
     bad = [m for m in methods if m not in METHOD_ALIASES]
@@ -177,13 +172,11 @@ def resolve(args: argparse.Namespace) -> dict:
     parse_schedule(schedule)
     ident = {"format": RUN_FORMAT, "preset": args.preset, "methods": methods, "tasks": tasks, "seed": args.seed,
              "schedule": schedule, "sizes": dataclasses.asdict(preset)}
-    return _jsonable(ident)  # the form run.json holds (tuples become lists), so comparisons are like for like
+    return jsonable(ident)  # the form run.json holds (tuples become lists), so comparisons are like for like
 
 
 # ------------------------------------------------------------------------------------------------- construction
 def _device(name: str) -> str:
-    import torch
-
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -192,14 +185,12 @@ def _device(name: str) -> str:
 
 
 def _cil_config(ident: dict, method: str, progress: bool):
-    from pclr.cil.config import CILConfig
-    from pclr.config import LRPConfig
-
     p = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in ident["sizes"].items()})
     lrp = LRPConfig(r=p.r, alpha=p.alpha, n_shared=p.n_shared, budget=p.budget)
     per_task = p.budget // 4 if ident["schedule"] == "auto" else None
     return CILConfig(method=method, lrp=lrp, schedule=parse_schedule(ident["schedule"]), compression=p.compression,
-                     integration_steps=p.integration_steps, integration_lr=p.integration_lr, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+                     integration_steps=p.integration_steps, integration_lr=p.integration_lr, epochs=p.epochs,
+                     batch_size=p.batch_size, lr=p.lr,
                      eval_batch_size=p.eval_batch_size, max_new_tokens=p.max_new_tokens, eval_mode=p.eval_mode,
                      key_init=p.key_init,
                      seed=ident["seed"],
@@ -207,9 +198,6 @@ def _cil_config(ident: dict, method: str, progress: bool):
 
 
 def _tasks(ident: dict, data_root: Path):
-    from pclr.cil.config import Task
-    from pclr.data.coin_mini import generate
-
     p = ident["sizes"]
     data = generate(data_root, seed=ident["seed"], n_train=p["n_train"], n_test=p["n_test"],
                     tasks=ident["tasks"])
@@ -218,8 +206,6 @@ def _tasks(ident: dict, data_root: Path):
 
 
 def _data_root(args, ident: dict) -> Path:
-    from pclr.data.coin_mini import VERSION
-
     base = Path(args.data_dir).expanduser() if args.data_dir else None
     if base is None:
         base = Path(os.environ.get("PCLR_CACHE", Path.home() / ".cache" / "pclr"))
@@ -231,7 +217,6 @@ def _data_root(args, ident: dict) -> Path:
 def _method_model(base_bundle, method_cfg, preset: Preset):
     """A private copy of the base model with LRP in its top layers; the prefix cache is shared between copies (the
     frozen bottom is identical in all of them)."""
-    from pclr.models.smol import inject_top_layers
 
     base = base_bundle.model
     shared_cache = getattr(base.model.language_model, "_prefix_cache", None)
@@ -248,29 +233,24 @@ def _method_model(base_bundle, method_cfg, preset: Preset):
 
 def _trainable_per_task(trainer) -> int:
     """LRP parameters that train while learning the current task (rows of trainable experts + their keys)."""
-    from pclr.inject import lrp_pools
-
     total = 0
     for pool in lrp_pools(trainer.model).values():
         rows = int(pool.trainable.sum())
         if trainer.lora:
             rows = pool.n
-        per_row = sum(l.A_m.shape[1] + l.B_m.shape[1] for l in pool.layers)
+        per_row = sum(lay.A_m.shape[1] + lay.B_m.shape[1] for lay in pool.layers)
         total += rows * per_row + (0 if trainer.lora else rows * sum(pool.query_dims))
     return total
 
 
 def _stored_params(trainer) -> int:
-    from pclr.inject import lrp_layers, lrp_pools
-
-    n = sum(t.numel() for l in lrp_layers(trainer.model).values() for t in (l.A_m, l.B_m, l.A_s, l.B_s)
+    n = sum(t.numel() for lay in lrp_layers(trainer.model).values()
+            for t in (lay.A_m, lay.B_m, lay.A_s, lay.B_s)
             if t is not None)
     return n + sum(k.numel() for p in lrp_pools(trainer.model).values() for k in p.keys)
 
 
 def _peak_memory_mb(device: str) -> float:
-    import torch
-
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB; process-wide peak
@@ -326,8 +306,6 @@ def run_main(args: argparse.Namespace) -> int:
 
 
 def _build(ident: dict, args, device: str):
-    from pclr.models.smol import build_mini_llava
-
     p = ident["sizes"]
     cache = args.cache_dir or args.data_dir
     return build_mini_llava(p["model"], cache_dir=cache, lrp_layers=p["lrp_layers"],
@@ -335,9 +313,7 @@ def _build(ident: dict, args, device: str):
 
 
 def _make_trainer(bundle, ident, method, out: Path, progress: bool, tasks, device: str):
-    from accelerate import Accelerator
 
-    from pclr.cil.trainer import CILTrainer
 
     cfg, preset = _cil_config(ident, method, progress)
     mb = _method_model(bundle, cfg, preset)
@@ -346,7 +322,7 @@ def _make_trainer(bundle, ident, method, out: Path, progress: bool, tasks, devic
 
 
 def _check_checkpoint(trainer, out: Path, method: str) -> None:
-    path = trainer._ckpt_path()
+    path = trainer.checkpoint_path
     if not os.path.exists(path):
         return
     try:
@@ -357,9 +333,7 @@ def _check_checkpoint(trainer, out: Path, method: str) -> None:
 
 
 def _run(args, ident: dict, out: Path, device: str) -> int:
-    import torch
 
-    from pclr.cil.metrics import summarize
 
     t_start = time.perf_counter()
     progress = not args.no_progress
@@ -404,139 +378,13 @@ def _run(args, ident: dict, out: Path, device: str) -> int:
         print(f"   New.ACC {summary['new_acc']:.2f}  Avg.ACC {summary['avg_acc']:.2f}  "
               f"Forgetting {summary['forgetting']:.2f}  BWT {summary['bwt']:.2f}  ({wall:.0f} s)", flush=True)
         del trainer
-    metrics.update({"run": ident, "tasks": ident["tasks"], "model": _jsonable(bundle.info),
+    metrics.update({"run": ident, "tasks": ident["tasks"], "model": jsonable(bundle.info),
                     "machine": machine(device), "total_wall_seconds": round(time.perf_counter() - t_start, 1)})
-    write_report(out, metrics)
+    written = write_report(out, metrics)
     print()
     print(table(metrics))
-    print(f"\nwrote {out}/report.md, metrics.json, accuracy_matrices.png, forgetting.png "
-          f"({metrics['total_wall_seconds']:.0f} s)")
+    print(f"\nwrote {out}/{', '.join(written)} ({metrics['total_wall_seconds']:.0f} s)")
     return 0
-
-
-# ------------------------------------------------------------------------------------------------------ report
-def machine(device: str) -> dict:
-    import torch
-
-    d = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-         "device": device, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    if device == "cuda":
-        d["gpu"] = torch.cuda.get_device_name(0)
-    return d
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-def _interval(metrics: dict, m: dict) -> str:
-    from pclr.data.coin_mini import wilson_interval
-
-    n = metrics["run"]["sizes"]["n_test"] * len(metrics["tasks"])
-    lo, hi = wilson_interval(m["avg_acc"] / 100 * n, n)
-    return f"[{lo:.1f}, {hi:.1f}]"
-
-
-def table(metrics: dict) -> str:
-    """The comparison table (markdown)."""
-    rows = ["| Method | New.ACC | Avg.ACC (95% CI) | Forgetting | BWT | Peak mem (MB) | Trainable/task | "
-            "LRP params stored | Wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in metrics["methods"].values():
-        f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"  # noqa: E731
-        rows.append(f"| {m['label']} | {f(m['new_acc'])} | {f(m['avg_acc'])} {_interval(metrics, m)} | "
-                    f"{f(m['forgetting'])} | {f(m['bwt'])} | {m['peak_memory_mb']:.0f} | "
-                    f"{m['trainable_params_per_task'] or 0:,} | {m['stored_lrp_params']:,} | {m['wall_seconds']:.0f} |")
-    return "\n".join(rows)
-
-
-def write_report(out: Path, metrics: dict) -> None:
-    """metrics.json, report.md, accuracy_matrices.png, forgetting.png (each written atomically)."""
-    from pclr.data.coin_mini import difference_halfwidth
-
-    _atomic(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
-    _plots(out, metrics)
-    n = metrics["run"]["sizes"]["n_test"]
-    T = len(metrics["tasks"])
-    half = difference_halfwidth(50, 50, n * T)
-    lines = [f"# pclr run: CoIN-mini, preset `{metrics['run']['preset']}`", "",
-             table(metrics), "",
-             f"Accuracies in %. Avg.ACC 95% Wilson interval over {n * T} test answers; a difference of two Avg.ACC "
-             f"values above about {half:.1f} points (95%, worst case p = 0.5) is above sampling noise; per task "
-             f"({n} answers) about {difference_halfwidth(50, 50, n):.1f} points.", "",
-             "## Accuracy matrices (row: after training task i; column: task j)", "",
-             "![accuracy matrices](accuracy_matrices.png)", "", "![forgetting](forgetting.png)", ""]
-    for m in metrics["methods"].values():
-        lines += [f"### {m['label']}", "", "| after \\ on | " + " | ".join(metrics["tasks"]) + " |",
-                  "|---" * (T + 1) + "|"]
-        for i, row in enumerate(m["matrix"]):
-            cells = ["" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}" for x in row]
-            lines.append(f"| {metrics['tasks'][i]} | " + " | ".join(cells) + " |")
-        lines.append("")
-    info = metrics.get("model", {})
-    lines += ["## Setup", "", f"- Model: {info.get('name')} — {info.get('language_model')}; LRP in decoder layers "
-              f"{info.get('lrp_layers')}; vision alignment: {info.get('alignment')}.",
-              f"- Evaluation: {EVAL_NOTES.get(metrics['run']['sizes'].get('eval_mode'), '')}",
-              f"- Machine: {metrics['machine']}.", f"- Total wall time: {metrics['total_wall_seconds']:.0f} s.",
-              f"- Settings: `{json.dumps(metrics['run'])}`", ""]
-    _atomic(out / "report.md", "\n".join(lines))
-
-
-def _plots(out: Path, metrics: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    methods = list(metrics["methods"].values())
-    names = metrics["tasks"]
-    T = len(names)
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
-    for ax, m in zip(axes[0], methods):
-        a = np.array([[np.nan if x is None else x for x in r] for r in m["matrix"]], dtype=float)
-        im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"{m['label']}: Avg {m['avg_acc']:.1f}, Forg {m['forgetting']:.1f}", fontsize=9)
-        ax.set_xticks(range(T), names, rotation=60, fontsize=7)
-        ax.set_yticks(range(T), names, fontsize=7)
-        for i in range(T):
-            for j in range(T):
-                if not np.isnan(a[i, j]):
-                    ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                            color="w" if a[i, j] < 60 else "k")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
-    _savefig(fig, out / "accuracy_matrices.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * T + 2), 3.5))
-    w = 0.8 / max(1, len(methods))
-    for k, m in enumerate(methods):
-        drops = []
-        for j in range(T - 1):
-            col = [m["matrix"][l][j] for l in range(j, T - 1)]
-            col = [x for x in col if x is not None and not (isinstance(x, float) and math.isnan(x))]
-            final = m["matrix"][T - 1][j]
-            drops.append(max(col) - final if col and final is not None else np.nan)
-        ax.bar(np.arange(T - 1) + k * w, drops, width=w, label=f"{m['label']} (mean {m['forgetting']:.1f})")
-    ax.set_xticks(np.arange(T - 1) + w * (len(methods) - 1) / 2, names[:-1], rotation=30, fontsize=8)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_ylabel("forgetting (points)")
-    ax.set_title("Accuracy lost on each task by the end of the sequence", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _savefig(fig, out / "forgetting.png")
-    plt.close(fig)
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------------- eval
@@ -564,14 +412,14 @@ def eval_main(args: argparse.Namespace) -> int:
         metrics = metrics or {"methods": {}, "run": ident, "tasks": ident["tasks"]}
         for method in ident["methods"]:
             trainer = _make_trainer(bundle, ident, method, out, not args.no_progress, tasks, device)
-            if not os.path.exists(trainer._ckpt_path()):
+            if not os.path.exists(trainer.checkpoint_path):
                 raise UsageError(f"{method} has no checkpoint in {out / method}")
             _check_checkpoint(trainer, out, method)
             acc = trainer.evaluate(list(range(len(tasks))))
             m = metrics["methods"].setdefault(method, {"label": METHOD_LABELS[method]})
             m["final_eval"] = {ident["tasks"][j]: a for j, a in acc.items()}
             print(f"{METHOD_LABELS[method]}: " + ", ".join(f"{ident['tasks'][j]} {a:.1f}" for j, a in acc.items()))
-        _atomic(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
+        atomic_write(out / "metrics.json", json.dumps(jsonable(metrics), indent=1))
     except UsageError as e:
         print(f"pclr eval: error: {e}", file=sys.stderr)
         return 2

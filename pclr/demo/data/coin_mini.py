@@ -1,6 +1,6 @@
 """CoIN-mini: eight synthetic tasks shaped like CoIN's, generated on the user's machine (no download).
 
-    from pclr.data.coin_mini import generate, TASKS
+    from pclr.demo.data.coin_mini import generate, TASKS
     info = generate("~/.cache/pclr/coin-mini", seed=0, n_train=256, n_test=300)
     info.tasks["TextVQA"].train_json      # <root>/TextVQA/train.json (CoIN / LLaVA conversation format)
 
@@ -38,8 +38,8 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-from pclr.data import scenes
-from pclr.data.scenes import COLOURS, SHAPES
+from pclr.demo.data import scenes
+from pclr.demo.data.scenes import COLOURS, SHAPES
 
 VERSION = 1
 TASK_ORDER: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA")

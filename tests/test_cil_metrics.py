@@ -1,10 +1,10 @@
-"""Accuracy-matrix metrics (SPEC §4), scorers and the CoIN collator."""
+"""Accuracy-matrix metrics, scorers and the CoIN collator."""
 import math
 
 import torch
 
-from pclr.cil.metrics import CILResults, score_choice, score_exact, score_grounding, summarize
 from pclr.cil.data import CoINCollator
+from pclr.cil.metrics import CILResults, score_choice, score_exact, score_grounding, summarize
 from pclr.models.tiny import tiny_llava
 
 NAN = float("nan")

@@ -8,6 +8,7 @@ from cil_helpers import small_config, synthetic_tasks
 from pclr import LRPConfig
 from pclr.cil import CILTrainer, TaskPlan
 from pclr.cil.compression import COMPRESSORS, compress_pool, kept_count
+from pclr.cil.evaluation import split_to
 from pclr.cil.integration import topk_sqrt_kl
 from pclr.cil.prototypes import prefill_prototype_routes
 from pclr.cil.schedule import COIN8, auto_schedule, resolve_schedule, simulate
@@ -54,7 +55,7 @@ def test_learning_leaves_old_experts_bit_identical(tmp_path):
 
 
 def _kl_on_batch(tr, teacher, batch, task):
-    model_in, rest = tr._split(batch)
+    model_in, rest = split_to(batch, tr.device)
     mask = rest["labels"][:, 1:] != -100
     with torch.no_grad():
         with teacher.swapped_in(tr.model), tr._route(model_in, rest) as st:
@@ -195,7 +196,7 @@ def test_prototype_routing_soft_gate_and_nearest_init(tmp_path):
     from pclr.cil.data import CoINCollator
 
     batch = CoINCollator(tr.bundle, "generate")(tasks[0].test[:3])
-    model_in, rest = tr._split(batch)
+    model_in, rest = split_to(batch, tr.device)
     tr._set_inference_routing()
     with torch.no_grad(), tr._route(model_in, rest, inference=True) as st:
         tr.model(**model_in)

@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from pclr.modules import FusedLRPLinear, KeyPool
 
 
 class TaskSampler:
@@ -59,3 +61,29 @@ def topk_sqrt_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, k
     kl = (log_pt.exp() * (log_pt - F.log_softmax(ls, -1))).sum(-1)
     den = mask.sum().clamp_min(1) if normalizer is None else normalizer.clamp_min(1)
     return kl.sum() / den
+
+
+def open_for_integration(pools: Sequence[KeyPool], layers: Sequence[FusedLRPLinear]) -> list[nn.Parameter]:
+    """Make every expert and shared rank trainable (keys stay frozen; no gate restriction); returns the parameters
+    QKLD trains."""
+    for pool in pools:
+        pool.unfreeze()
+        pool.set_candidates(None, None)
+        for k in pool.keys:
+            k.requires_grad_(False)
+    params = [p for lay in layers if lay.n for p in (lay.A_m, lay.B_m)]
+    for lay in layers:
+        if lay.n_shared:
+            lay.A_s.requires_grad_(True)
+            lay.B_s.requires_grad_(True)
+            params += [lay.A_s, lay.B_s]
+    return params
+
+
+def close_integration(pools: Sequence[KeyPool], layers: Sequence[FusedLRPLinear]) -> None:
+    """Freeze what :func:`open_for_integration` opened."""
+    for lay in layers:
+        lay.A_s.requires_grad_(False)
+        lay.B_s.requires_grad_(False)
+    for pool in pools:
+        pool.freeze()

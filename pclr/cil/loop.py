@@ -3,7 +3,7 @@ cross-process gradient sum, a progress bar and the step log."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,21 @@ def cosine_with_warmup(steps: int, warm: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
 
     return lr_at
+
+
+def local_batches(data: Sequence[dict], batch_size: int, collate: Callable[[list[dict]], dict], seed: int,
+                  rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """Endless batches of this process: a seeded permutation per epoch, global batches of ``batch_size`` samples,
+    this process's share = every ``world``-th sample of each global batch (a tail smaller than ``world`` is
+    skipped, which never happens with one process)."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(data), generator=gen).tolist()
+        for i in range(0, len(order), batch_size):
+            chunk = order[i: i + batch_size]
+            if len(chunk) < world:
+                continue
+            yield collate([data[k] for k in chunk[rank::world]])
 
 
 def train_steps(params: list[nn.Parameter], loss_fn: LossFn, batches: Iterator[dict], steps: int, lr: float,

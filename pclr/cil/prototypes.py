@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pclr.backends.reference import gate_scores
 from pclr.modules import KeyPool
+from pclr.query import QueryExtractor
 from pclr.routing import RoutingState
 
 Prototype = tuple[Tensor, ...]  # one L2-normalised [d_p] vector per query part
@@ -31,6 +32,20 @@ def task_prototype(pool: KeyPool, task: int) -> Optional[Prototype]:
     if not bool(rows.any()):
         return None
     return tuple(F.normalize(k.detach()[rows].float().mean(0), dim=-1) for k in pool.keys)
+
+
+@torch.no_grad()
+def batch_query(extractor: QueryExtractor, model_in: dict, rest: dict) -> tuple[Tensor, ...]:
+    """The query parts of a collated batch ([B, d_p] each) before its forward: the text part from the instruction
+    tokens, the vision part from running the vision tower alone (zero rows for samples without an image)."""
+    q_text = extractor.text_query(model_in["input_ids"], model_in["attention_mask"], rest["instruction_mask"])
+    if len(extractor.query_dims) == 1:
+        return (q_text,)
+    extractor._features = []
+    if "pixel_values" in model_in and extractor.tower is not None:
+        extractor.tower(model_in["pixel_values"], output_hidden_states=False)
+    has = rest["has_image"].to(q_text.device)
+    return q_text, extractor.vision_query(q_text.shape[0], has, q_text.device)
 
 
 def _route_by(pool: KeyPool, query: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -11,17 +11,13 @@ Phases of task t (each ends with an atomic checkpoint, so ``run(resume=True)`` r
     "learn":    PCLR: freeze everything, add the task's experts (trainable) and route among the candidates;
                 loss = CE(answer tokens) + lambda_qk·L_qk (+ LwF for pclr_lwf inside a group).
                 LoRA baselines: one pool of r experts, always all chosen, all trainable (+ LwF for lora_lwf).
-    "eval":     score every task seen so far (:mod:`pclr.cil.evaluation`); fill row t of the accuracy matrix.
+    "eval":     score every task seen so far; fill row t of the accuracy matrix.
 Every phase reseeds torch/python/numpy from (seed, task, phase), so a resumed run equals an uninterrupted one.
-
-The pieces live beside this phase loop: :mod:`~pclr.cil.evaluation` (verdicts per sample),
-:mod:`~pclr.cil.checkpointing` (atomic safetensors save/load), :mod:`~pclr.cil.distributed` (sums over processes,
-rank-0 logging), :mod:`~pclr.cil.loop` (the optimizer loop), :mod:`~pclr.cil.learning` (pool set-up and L_qk) and
-:mod:`~pclr.cil.prototypes` (routing by task prototypes). Run under ``accelerate launch`` for data parallelism.
+Beside this phase loop: evaluation, checkpointing, distributed (sums over processes, rank-0 logs), loop (the
+optimizer steps), learning (pool set-up, L_qk) and prototypes (routing by task prototypes), all in pclr.cil.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -36,17 +32,17 @@ from torch import Tensor, nn
 
 from pclr.cil.checkpointing import RunState, checkpoint_path, load_checkpoint, save_checkpoint
 from pclr.cil.compression import compress_pool, kept_count
-from pclr.cil.config import CILConfig, Task, TaskPlan
+from pclr.cil.config import CILConfig, Task
 from pclr.cil.data import CoINCollator, load_coin_json
 from pclr.cil.distributed import Distributed, RunLog
 from pclr.cil.evaluation import CollatorFactory, Evaluator, answer_logits, split_to
-from pclr.cil.integration import TaskSampler, topk_sqrt_kl
+from pclr.cil.integration import TaskSampler, close_integration, open_for_integration, topk_sqrt_kl
 from pclr.cil.learning import nearest_experts, prepare_lora, qk_loss, route_among_new, task_query_keys
-from pclr.cil.loop import LossFn, train_steps
+from pclr.cil.loop import LossFn, local_batches, train_steps
 from pclr.cil.lwf import is_group_start, lwf_loss
 from pclr.cil.metrics import CILResults, get_scorer
-from pclr.cil.prototypes import prefill_nearest_prototype_routes, prefill_prototype_routes, task_prototype
-from pclr.cil.schedule import resolve_schedule
+from pclr.cil.prototypes import batch_query, prefill_nearest_prototype_routes, prefill_prototype_routes, task_prototype
+from pclr.cil.schedule import pool_plan
 from pclr.cil.teacher import LRPSnapshot
 from pclr.inject import POOL_ATTR, inject_lrp, lrp_layers, lrp_pools
 from pclr.models.bundle import ModelBundle
@@ -98,18 +94,9 @@ class CILTrainer:
                 raise ValueError(f"tasks: task {t.name!r} has no training or no test samples")
 
         # ---- the pool plan (validated before the model is touched)
-        cfg = config
-        T = len(self.tasks)
+        cfg, T = config, len(self.tasks)
         self.lora = not cfg.uses_pool
-        self.plans: list[Optional[TaskPlan]] = [None] * T
-        if self.lora:
-            rank = cfg.lora_rank or cfg.lrp.r
-            self.lrp_config = dataclasses.replace(cfg.lrp, r=rank, budget=max(rank, cfg.lrp.budget))
-        else:
-            self.lrp_config = cfg.lrp
-            starts = [t for t in range(T) if cfg.method != "pclr_lwf" or is_group_start(t, cfg.lwf_group_size)]
-            for t, p in zip(starts, resolve_schedule(cfg.schedule, len(starts), cfg.lrp, cfg.compression)):
-                self.plans[t] = p
+        self.lrp_config, self.plans = pool_plan(cfg, T)
 
         # ---- model
         self.model = bundle.model
@@ -224,7 +211,7 @@ class CILTrainer:
                 if layer.n_shared == 0:
                     layer.add_shared(self.lrp_config.n_shared, trainable=False)
         self.log.log({"event": "compressed", "task": t, "n_before": n_before, "n_after": n_keep,
-                   "rule": self.config.compression})
+                      "rule": self.config.compression})
 
     def _phase_integrate(self, t: int) -> None:
         cfg = self.config
@@ -233,18 +220,7 @@ class CILTrainer:
         learned = sorted(k for k in self.prototypes)
         if not learned:
             return
-        for pool in self.pools:
-            pool.unfreeze()
-            pool.set_candidates(None, None)
-            for k in pool.keys:
-                k.requires_grad_(False)  # keys stay frozen in integration
-        shared = []
-        for layer in lrp_layers(self.model).values():
-            if layer.n_shared:
-                layer.A_s.requires_grad_(True)
-                layer.B_s.requires_grad_(True)
-                shared += [layer.A_s, layer.B_s]
-        params = [p for lay in lrp_layers(self.model).values() for p in (lay.A_m, lay.B_m) if lay.n] + shared
+        params = open_for_integration(self.pools, list(lrp_layers(self.model).values()))
         sampler = TaskSampler(learned, cfg.kl_floor, self.kl_values)
         gen = torch.Generator().manual_seed(self._phase_seed(t, "integrate") + 1)
         teacher = self.teacher.to(self.device)
@@ -271,11 +247,7 @@ class CILTrainer:
         steps = cfg.integration_steps or self._steps_per_epoch(t)
         self._train(t, "integrate", params, loss_fn, steps, cfg.integration_lr or cfg.lr)
         self.kl_values = dict(sampler.values)
-        for layer in lrp_layers(self.model).values():
-            layer.A_s.requires_grad_(False)
-            layer.B_s.requires_grad_(False)
-        for pool in self.pools:
-            pool.freeze()
+        close_integration(self.pools, list(lrp_layers(self.model).values()))
         self.teacher = None
 
     def _phase_learn(self, t: int) -> None:
@@ -325,7 +297,6 @@ class CILTrainer:
             tid = self._expert_task(t)
             self.prototypes[tid] = [task_prototype(pool, tid) for pool in self.pools]
 
-
     def _phase_eval(self, t: int) -> None:
         acc = self.evaluate(list(range(t + 1)))
         for j, a in acc.items():
@@ -361,24 +332,11 @@ class CILTrainer:
         route_among_new(self.pools, self.lrp_config.r)
 
     @torch.no_grad()
-    def _batch_query(self, model_in: dict, rest: dict) -> tuple[Tensor, ...]:
-        """The query parts of a batch ([B, d_p] each) computed before its forward: the vision part comes from
-        running the vision tower alone."""
-        q_text = self.query.text_query(model_in["input_ids"], model_in["attention_mask"], rest["instruction_mask"])
-        parts = [q_text]
-        if len(self.query.query_dims) > 1:
-            self.query._features = []
-            if "pixel_values" in model_in and self.query.tower is not None:
-                self.query.tower(model_in["pixel_values"], output_hidden_states=False)
-            parts.append(self.query.vision_query(q_text.shape[0], rest["has_image"].to(self.device), self.device))
-        return tuple(parts)
-
-    @torch.no_grad()
     def _task_mean_query(self, t: int, max_samples: int = 64) -> tuple[Tensor, ...]:
         """Normalised mean query of (up to ``max_samples``) training samples of task t."""
         collate = self.collator(self.bundle, mode="train", max_length=self.config.max_length)
         batch = collate([self._with_root(s, t) for s in self.train_data[t][:max_samples]])
-        query = self._batch_query(*split_to(batch, self.device))
+        query = batch_query(self.query, *split_to(batch, self.device))
         return tuple(F.normalize(p.float().mean(0), dim=-1) for p in query)
 
     # =========================================================================================== routing
@@ -393,11 +351,9 @@ class CILTrainer:
 
     @contextmanager
     def _prototype_route(self, ctx: Any, model_in: dict, rest: dict) -> Iterator[Any]:
-        query = self._batch_query(model_in, rest)
-        image_rows = {}
-        proj_pool = getattr(self.query.projector, POOL_ATTR, None) if self.query.projector is not None else None
-        if proj_pool is not None:  # the projector sees one row per image: keep the rows of samples with one
-            image_rows[id(proj_pool)] = rest["has_image"].to(self.device).nonzero().flatten()
+        query = batch_query(self.query, model_in, rest)
+        proj_pool = getattr(self.query.projector, POOL_ATTR, None)  # it sees one row per image, not per sample
+        image_rows = {} if proj_pool is None else {id(proj_pool): rest["has_image"].to(self.device).nonzero()[:, 0]}
         with ctx as state:
             prefill_nearest_prototype_routes(state, self.pools, self.prototypes, query, image_rows)
             yield state
@@ -413,20 +369,6 @@ class CILTrainer:
     def _steps_per_epoch(self, t: int) -> int:
         return max(1, math.ceil(len(self.train_data[t]) / self.config.batch_size))
 
-    def _batches(self, t: int, seed: int) -> Iterator[dict]:
-        """Endless local batches of task t: a per-epoch permutation (seeded), global batches of batch_size, this
-        process's share = every world-th sample of the global batch."""
-        data, bs = self.train_data[t], self.config.batch_size
-        collate = self.collator(self.bundle, mode="train", max_length=self.config.max_length)
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(data), generator=gen).tolist()
-            for i in range(0, len(order), bs):
-                chunk = order[i: i + bs]
-                if len(chunk) < self.world:  # a tail smaller than the process count is skipped (never with 1)
-                    continue
-                yield collate([self._with_root(data[k], t) for k in chunk[self.rank:: self.world]])
-
     def _train(self, t: int, phase: str, params: list[nn.Parameter], loss_fn: LossFn, steps: int,
                lr: float) -> None:
         self.model.train()
@@ -434,12 +376,11 @@ class CILTrainer:
         if self.config.on_step is not None:
             def on_step(step: int) -> None:
                 self.config.on_step(self, t, phase, step)
-        train_steps(params, loss_fn, self._batches(t, self._phase_seed(t, phase)), steps, lr, self.config,
-                    self.dist, self.log, task=t, phase=phase,
+        collate = self.collator(self.bundle, mode="train", max_length=self.config.max_length)
+        batches = local_batches([self._with_root(s, t) for s in self.train_data[t]], self.config.batch_size,
+                                collate, self._phase_seed(t, phase), self.rank, self.world)
+        train_steps(params, loss_fn, batches, steps, lr, self.config, self.dist, self.log, task=t, phase=phase,
                     desc=f"task {t + 1}/{len(self.tasks)} {self.tasks[t].name} [{phase}]", on_step=on_step)
-
-    def _split(self, batch: dict) -> tuple[dict, dict]:
-        return split_to(batch, self.device)
 
     # =========================================================================================== seeding
     def _phase_seed(self, t: int, phase: str) -> int:

@@ -4,8 +4,8 @@ LLaVA's stage 1 trains the projector so that the LM, reading the projected image
 2-core CPU that costs a backward pass through all 30 SmolLM2 layers per step (14-60 s per step measured), so it never
 finishes in a few minutes. This stage reaches the same end by a cheaper route: the k-th of the 16 image tokens is
 pulled onto the frozen input embedding of the k-th token of a terse caption of the scene
-(``pclr.demo.data.captions.word_caption``: "small red circle left, large blue square top"), so the LM afterwards reads an
-image much like the caption's words. Only the small vision tower and the projector run forward and backward
+(``pclr.demo.data.captions.word_caption``: "small red circle left, large blue square top"), so the LM afterwards
+reads an image much like the caption's words. Only the small vision tower and the projector run forward and backward
 (milliseconds per batch), so thousands of image-caption pairs fit in about a minute.
 
 Loss per image token (target token t, caption vocabulary V with embeddings e_v):

@@ -42,8 +42,15 @@ from typing import Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM,
-                          LlavaConfig, LlavaForConditionalGeneration)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from pclr.cil.data import CoINCollator, split_batch
 from pclr.demo.data.captions import EXTRA_TITLES, EXTRA_WORDS, caption_samples
@@ -183,7 +190,8 @@ def _bundle(model, tok, cfg: MiniLlavaConfig, info: dict) -> ModelBundle:
 
 # --------------------------------------------------------------------------------------------------- alignment
 def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
-    """Embedding-space alignment (:mod:`pclr.demo.models.alignment`), then ``cfg.lm_align_steps`` LLaVA stage-1 steps."""
+    """Embedding-space alignment (:mod:`pclr.demo.models.alignment`), then ``cfg.lm_align_steps`` LLaVA stage-1
+    steps."""
     stats = align_to_embeddings(bundle, n_images=cfg.align_images, steps=cfg.align_steps, batch=cfg.align_batch,
                                 lr=cfg.align_lr, seed=cfg.seed, progress=progress)
     if cfg.lm_align_steps > 0:

@@ -45,8 +45,28 @@ because the pools change shape between phases (grow, compress). For a 7B base in
 80 GB GPU fits; the paper's DeepSpeed ZeRO-2 setup shards optimizer state and gradients, which here are the small
 LRP tensors only, so it would save little; FSDP/ZeRO-3 sharding of the frozen base is not supported.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from pclr.cil.config import CILConfig, Task, TaskPlan
 from pclr.cil.metrics import CILResults, summarize
-from pclr.cil.trainer import CILTrainer
+
+# The trainer pulls in transformers and accelerate (seconds to import): loaded on first use, so the settings,
+# metrics and data modules of this package stay light to import.
+_LAZY = {"CILTrainer": "pclr.cil.trainer"}
 
 __all__ = ["CILConfig", "CILResults", "CILTrainer", "Task", "TaskPlan", "summarize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pclr.cil' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

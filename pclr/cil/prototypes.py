@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pclr.backends.reference import gate_scores
 from pclr.modules import KeyPool
 from pclr.query import QueryExtractor
 from pclr.routing import RoutingState
+from pclr.scoring import gate_scores
 
 Prototype = tuple[Tensor, ...]  # one L2-normalised [d_p] vector per query part
 

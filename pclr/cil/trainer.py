@@ -44,7 +44,8 @@ from pclr.cil.metrics import CILResults, get_scorer
 from pclr.cil.prototypes import batch_query, prefill_nearest_prototype_routes, prefill_prototype_routes, task_prototype
 from pclr.cil.schedule import pool_plan
 from pclr.cil.teacher import LRPSnapshot
-from pclr.inject import POOL_ATTR, inject_lrp, lrp_layers, lrp_pools
+from pclr.hf_anatomy import POOL_ATTR
+from pclr.inject import inject_lrp, lrp_layers, lrp_pools
 from pclr.models.bundle import ModelBundle
 from pclr.query import QueryExtractor
 

@@ -74,7 +74,7 @@ def parse_schedule(s: str) -> str | list[TaskPlan]:
         return s
     plans = []
     try:
-        for i, item in enumerate(split_list(s) or []):
+        for item in split_list(s) or []:
             n, _, keep = item.partition(":")
             plans.append(TaskPlan(int(n), float(keep) if keep else 1.0, add_shared=False))
     except ValueError as e:

@@ -22,6 +22,8 @@ API::
 * ``CILConfig``: every field documented in :mod:`pclr.cil.config`; ablations are fields (``integration=False``,
   ``compression=None`` = growing pool, ``lrp.gate_scope``, ``lrp.gate_mode``); LwF fields for the LwF methods.
 * ``CILTrainer.run(resume=True)`` continues after a crash at the right task and phase from ``output_dir/ckpt``.
+* ``CILTrainer(..., collator=...)``: how samples become batches (default :class:`pclr.cil.data.CoINCollator`,
+  CoIN / LLaVA conversations; anything called as ``collator(bundle, mode="train" | "generate", max_length=None)``).
 * ``CILTrainer.evaluate(task_ids) -> {task_id: accuracy}``, ``CILTrainer.model`` (the injected model),
   ``CILTrainer.accelerator``. Callbacks: ``CILConfig.on_step(trainer, task, phase, step)`` (e.g. early stop / tests).
 * Methods: "pclr" (CIL), "pclr_lwf" (LwF inside groups of ``lwf_group_size`` tasks, CIL between groups), "lora"

@@ -24,8 +24,8 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["pclr", "pclr.backends", "pclr.backends.triton", "pclr.bench", "pclr.cil", "pclr.data", "pclr.models",
-            "pclr.kernels"]
+PACKAGES = ["pclr", "pclr.backends", "pclr.backends.triton", "pclr.bench", "pclr.cil", "pclr.demo", "pclr.demo.data",
+            "pclr.demo.models", "pclr.models", "pclr.kernels"]
 PACKAGE_DIR = {"pclr": "pclr", "pclr.kernels": "kernels"}
 
 

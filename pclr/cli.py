@@ -15,9 +15,9 @@ from pclr.options import BACKEND_NAMES
 
 # subcommand -> (module, add-arguments function, main function, one-line help)
 _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "run": ("pclr.experiment", "add_run_arguments", "run_main",
+    "run": ("pclr.demo.experiment", "add_run_arguments", "run_main",
             "Run a continual-learning experiment (default: CoIN-mini, LoRA vs LoRA+LwF vs PCLR)."),
-    "eval": ("pclr.experiment", "add_eval_arguments", "eval_main",
+    "eval": ("pclr.demo.experiment", "add_eval_arguments", "eval_main",
              "Evaluate a saved run on every task and rewrite its report."),
     "bench": ("pclr.bench.cli", "add_bench_arguments", "bench_main",
               "Benchmark the LRP kernels against base Linear, the paper's formulation, dense and PEFT LoRA."),
@@ -82,7 +82,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             module = importlib.import_module(mod)
             add, run = getattr(module, add_fn), getattr(module, main_fn)
         except (ImportError, AttributeError) as exc:
-            msg = f"`pclr {name}` is unavailable in this installation: {exc}"
+            hint = " (the demo's dependencies come with: pip install 'pclr[demo]')" if mod.startswith("pclr.demo") \
+                else ""
+            msg = f"`pclr {name}` is unavailable in this installation: {exc}{hint}"
             p.set_defaults(func=lambda args, msg=msg: (print(msg, file=sys.stderr), 2)[1])
             continue
         add(p)

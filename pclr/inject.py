@@ -115,7 +115,7 @@ def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims:
         freeze: freeze all the model's own parameters (only pools, keys and shared ranks can train).
         layers: indices of the decoder layers that get LRP (negative = from the top, e.g. ``range(-4, 0)`` for the
             top four); default all. Layers below the lowest adapted one stay plain, so their outputs can be cached
-            (:mod:`pclr.models.prefix_cache`).
+            (:mod:`pclr.demo.models.prefix_cache`).
 
     Raises ValueError before anything changes if a target module is unknown or not a Linear.
     """

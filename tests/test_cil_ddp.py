@@ -5,12 +5,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from cil_helpers import ddp_config, ddp_worker, synthetic_tasks
+
 from pclr.cil import CILTrainer
 from pclr.inject import lrp_state_dict
 from pclr.models.tiny import tiny_causal_lm
-
 
 
 def _free_port() -> int:

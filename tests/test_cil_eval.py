@@ -1,7 +1,7 @@
 """The teacher-forced evaluation gives greedy generation's exact-match verdict, sample by sample."""
 import torch
-
 from cil_helpers import small_config, synthetic_tasks
+
 from pclr.cil import CILTrainer, TaskPlan
 from pclr.models.tiny import tiny_llava
 
@@ -16,8 +16,8 @@ def test_forced_eval_matches_greedy_exact_match(tmp_path):
     tr._set_inference_routing()
     for j in (0, 1):
         samples = tr.test_data[j]
-        forced = tr._forced_scores(j, samples)
-        generated = tr._generated_scores(j, samples)
+        forced = tr.evaluator.forced_scores([tr._with_root(s, j) for s in samples], tr.scorers[j])
+        generated = tr.evaluator.generated_scores([tr._with_root(s, j) for s in samples], tr.scorers[j])
         assert 0 < sum(forced) and forced == generated  # exact scorer, single-token answers: verdicts agree
     # keys of the task's new experts start at the task's mean query
     q = tr._task_mean_query(0)

@@ -5,11 +5,10 @@ LoRA forgetting 50.0 / 43.8 / 81.2 / 81.2 / 93.8, Avg.ACC 29.2 / 12.5 / 41.7 / 1
 PCLR forgetting 0 on all five, Avg.ACC 79.2 / 91.7 / 95.8 / 100 / 100. The test runs seeds 0 and 1.
 """
 import pytest
-
 from cil_helpers import small_config, synthetic_tasks
+
 from pclr.cil import CILTrainer
 from pclr.models.tiny import tiny_causal_lm
-
 
 
 @pytest.mark.parametrize("seed", [0, 1])

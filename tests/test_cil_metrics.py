@@ -1,10 +1,10 @@
-"""Accuracy-matrix metrics (SPEC §4), scorers and the CoIN collator."""
+"""Accuracy-matrix metrics, scorers and the CoIN collator."""
 import math
 
 import torch
 
+from pclr.cil.data import CoINCollator
 from pclr.cil.metrics import CILResults, score_choice, score_exact, score_grounding, summarize
-from pclr.data.coin import CoINCollator
 from pclr.models.tiny import tiny_llava
 
 NAN = float("nan")
@@ -60,7 +60,7 @@ def test_coin_json_with_image_root(tmp_path):
 
     from PIL import Image
 
-    from pclr.data.coin import CoINDataset
+    from pclr.cil.data import CoINDataset
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (32, 24), (0, 0, 255)).save(tmp_path / "img" / "a.png")

@@ -3,17 +3,18 @@ import math
 
 import pytest
 import torch
-
 from cil_helpers import small_config, synthetic_tasks
+
 from pclr import LRPConfig
 from pclr.cil import CILTrainer, TaskPlan
 from pclr.cil.compression import COMPRESSORS, compress_pool, kept_count
-from pclr.cil.integration import prefill_prototype_routes, topk_sqrt_kl
+from pclr.cil.evaluation import split_to
+from pclr.cil.integration import topk_sqrt_kl
+from pclr.cil.prototypes import prefill_prototype_routes
 from pclr.cil.schedule import COIN8, auto_schedule, resolve_schedule, simulate
 from pclr.inject import lrp_layers, lrp_pools
 from pclr.models.tiny import tiny_causal_lm, tiny_llava
 from pclr.modules import FusedLRPLinear, KeyPool
-
 
 
 def _rows(trainer, task):
@@ -53,7 +54,7 @@ def test_learning_leaves_old_experts_bit_identical(tmp_path):
 
 
 def _kl_on_batch(tr, teacher, batch, task):
-    model_in, rest = tr._split(batch)
+    model_in, rest = split_to(batch, tr.device)
     mask = rest["labels"][:, 1:] != -100
     with torch.no_grad():
         with teacher.swapped_in(tr.model), tr._route(model_in, rest) as st:
@@ -74,20 +75,20 @@ def test_integration_freezes_keys_trains_experts_and_reduces_kl(tmp_path):
     tr._phase_learn(0)
     tr._phase_compress(1)
     assert all(p.n == 2 for p in tr.pools)
-    assert all(l.n_shared == 2 and not l.B_s.any() for l in lrp_layers(tr.model).values())
+    assert all(lay.n_shared == 2 and not lay.B_s.any() for lay in lrp_layers(tr.model).values())
     teacher = tr.teacher
-    from pclr.data.coin import CoINCollator
+    from pclr.cil.data import CoINCollator
 
     batch = CoINCollator(tr.bundle, "train")(tasks[1].train)
     kl_before = _kl_on_batch(tr, teacher, batch, 0)
     keys = [k.detach().clone() for p in tr.pools for k in p.keys]
-    A = [l.A_m.detach().clone() for l in lrp_layers(tr.model).values()]
+    A = [lay.A_m.detach().clone() for lay in lrp_layers(tr.model).values()]
     tr._phase_integrate(1)
     kl_after = _kl_on_batch(tr, teacher, batch, 0)
     assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
     assert all(torch.equal(a, k) for a, k in zip(keys, [k for p in tr.pools for k in p.keys]))
-    assert any(not torch.equal(a, l.A_m) for a, l in zip(A, lrp_layers(tr.model).values()))
-    assert any(l.B_s.abs().sum() > 0 for l in lrp_layers(tr.model).values())  # shared ranks trained
+    assert any(not torch.equal(a, lay.A_m) for a, lay in zip(A, lrp_layers(tr.model).values()))
+    assert any(lay.B_s.abs().sum() > 0 for lay in lrp_layers(tr.model).values())  # shared ranks trained
     assert tr.teacher is None
 
 
@@ -191,10 +192,10 @@ def test_prototype_routing_soft_gate_and_nearest_init(tmp_path):
     tr._seed(1, "learn")
     tr._phase_learn(1)
     assert all(p.n == 4 for p in tr.pools)
-    from pclr.data.coin import CoINCollator
+    from pclr.cil.data import CoINCollator
 
     batch = CoINCollator(tr.bundle, "generate")(tasks[0].test[:3])
-    model_in, rest = tr._split(batch)
+    model_in, rest = split_to(batch, tr.device)
     tr._set_inference_routing()
     with torch.no_grad(), tr._route(model_in, rest, inference=True) as st:
         tr.model(**model_in)

@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
-
 from cil_helpers import small_config, synthetic_tasks
+
 from pclr.cil import CILTrainer, TaskPlan
 from pclr.inject import lrp_state_dict
 from pclr.models.tiny import tiny_causal_lm
-
 
 
 class Crash(RuntimeError):

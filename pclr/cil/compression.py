@@ -1,4 +1,4 @@
-"""Training-free compression of key pools (SPEC §3 step 1): choose which experts survive, then prune them.
+"""Training-free compression of key pools (step 1 of a task): choose which experts survive, then prune them.
 
 Rules are registered by name; each maps (pool, n_keep) to a bool keep-mask [n] with exactly ``n_keep`` True,
 applied to every linear of the pool at once (keys and A/B rows stay aligned)::

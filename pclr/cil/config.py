@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args
 
 from pclr.config import LRPConfig
+from pclr.options import check_choice
 
-METHODS = ("lora", "lora_lwf", "pclr", "pclr_lwf")
+Method = Literal["lora", "lora_lwf", "pclr", "pclr_lwf"]
+"""'pclr' (CIL), 'pclr_lwf' (LwF inside task groups, CIL between), 'lora' / 'lora_lwf' (the LoRA baselines)."""
+EvalMode = Literal["generate", "forced", "forced_generate"]
+QKLoss = Literal["cos", "paper"]
+KeyInit = Literal["random", "task_query"]
+InferenceRouting = Literal["topr", "prototype"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+EVAL_MODES: tuple[str, ...] = get_args(EvalMode)
+QK_LOSSES: tuple[str, ...] = get_args(QKLoss)
+KEY_INITS: tuple[str, ...] = get_args(KeyInit)
+INFERENCE_ROUTINGS: tuple[str, ...] = get_args(InferenceRouting)
 
 
 @dataclass
@@ -48,9 +60,9 @@ class TaskPlan:
 
 @dataclass
 class CILConfig:
-    """Trainer settings; defaults follow the PCLR reference for CoIN where one exists (SPEC §2–3)."""
+    """Trainer settings; defaults follow the PCLR reference for CoIN where one exists."""
 
-    method: str = field(default="pclr", metadata={"help": "'lora' | 'lora_lwf' | 'pclr' | 'pclr_lwf'."})
+    method: Method = field(default="pclr", metadata={"help": "'lora' | 'lora_lwf' | 'pclr' | 'pclr_lwf'."})
     lrp: LRPConfig = field(default_factory=LRPConfig, metadata={"help": "Pool/gate settings (r, alpha, budget, ...)."})
     schedule: Union[str, Sequence[TaskPlan], None] = field(
         default="auto", metadata={"help": "'coin8' (the paper's 8-task schedule), 'auto' (derived from budget and "
@@ -68,13 +80,13 @@ class CILConfig:
     nearest_init_from_task: Optional[int] = field(
         default=None, metadata={"help": "From this task index on (0-based; reference: 4), new experts copy the most "
                                         "similar old experts (nearest-similarity init)."})
-    key_init: str = field(
+    key_init: KeyInit = field(
         default="random", metadata={"help": "Keys of a task's new experts: 'random' (normalised Gaussian, reference) "
-                                            "or 'task_query' (the task's normalised mean query, SPEC §1; routing "
+                                            "or 'task_query' (the task's normalised mean query; routing "
                                             "works from the first step, which matters when tasks get few steps)."})
     lambda_qk: float = field(default=0.2, metadata={"help": "Weight of the query-key loss L_qk while learning."})
-    qk_loss: str = field(default="cos", metadata={"help": "'cos' (mean 1 - cos, reference) or 'paper' (top-r L1)."})
-    inference_routing: str = field(
+    qk_loss: QKLoss = field(default="cos", metadata={"help": "'cos' (mean 1 - cos, reference) or 'paper' (top-r L1)."})
+    inference_routing: InferenceRouting = field(
         default="topr", metadata={"help": "'topr': top-r over all experts; 'prototype': route by the nearest task "
                                           "prototype of each key pool."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over each task's training data while learning."})
@@ -89,7 +101,7 @@ class CILConfig:
     lwf_group_size: int = field(default=2, metadata={"help": "pclr_lwf: tasks per group (LwF inside, CIL between)."})
     lora_rank: Optional[int] = field(default=None, metadata={"help": "Rank of the LoRA baselines (default lrp.r)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Generation length at evaluation."})
-    eval_mode: str = field(
+    eval_mode: EvalMode = field(
         default="generate", metadata={"help": "'generate': greedy generation, then the task's scorer. 'forced': one "
                                               "teacher-forced forward per batch; a sample counts as correct iff the "
                                               "argmax at every answer position (end token included) is the gold "
@@ -111,24 +123,17 @@ class CILConfig:
         default=None, metadata={"help": "Called as on_step(trainer, task_index, phase, step) after every step."})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"CILConfig.method must be one of {METHODS}, got {self.method!r}")
+        check_choice("CILConfig.method", self.method, METHODS)
         if isinstance(self.lrp, dict):
             self.lrp = LRPConfig.from_dict(self.lrp)
         if self.compression not in (None, "none") and not isinstance(self.compression, str):
             raise ValueError(f"CILConfig.compression must be a rule name or None, got {self.compression!r}")
         if self.compression == "none":
             self.compression = None
-        if self.qk_loss not in ("cos", "paper"):
-            raise ValueError(f"CILConfig.qk_loss must be 'cos' or 'paper', got {self.qk_loss!r}")
-        if self.key_init not in ("random", "task_query"):
-            raise ValueError(f"CILConfig.key_init must be 'random' or 'task_query', got {self.key_init!r}")
-        if self.eval_mode not in ("generate", "forced", "forced_generate"):
-            raise ValueError(f"CILConfig.eval_mode must be 'generate', 'forced' or 'forced_generate', got "
-                             f"{self.eval_mode!r}")
-        if self.inference_routing not in ("topr", "prototype"):
-            raise ValueError(f"CILConfig.inference_routing must be 'topr' or 'prototype', got "
-                             f"{self.inference_routing!r}")
+        check_choice("CILConfig.qk_loss", self.qk_loss, QK_LOSSES)
+        check_choice("CILConfig.key_init", self.key_init, KEY_INITS)
+        check_choice("CILConfig.eval_mode", self.eval_mode, EVAL_MODES)
+        check_choice("CILConfig.inference_routing", self.inference_routing, INFERENCE_ROUTINGS)
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "kl_topk", "lwf_group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CILConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -1,6 +1,6 @@
-"""Integration by QKLD (SPEC §2): recover what compression removed, without old data.
+"""Integration by QKLD: recover what compression removed, without old data.
 
-* Fake query of task t, per key pool: the normalised mean of the keys learned in task t (one prototype per part).
+* Fake query of task t, per key pool: task t's prototype (:mod:`pclr.cil.prototypes`), routed for every sample.
 * Each step draws a task t with P(t) ∝ sqrt(KL_t) (running value per task, starts uniform at 1, floor 1e-4), feeds
   the CURRENT task's batch with the prototype of t as every sample's query, and minimises
   KL(teacher ‖ student) over the teacher's top-k vocabulary (k = 100) of the final logits, each restricted softmax
@@ -14,32 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from pclr.modules import KeyPool
-from pclr.routing import RoutingState
-
-Prototype = tuple[Tensor, ...]  # one L2-normalised [d_p] vector per query part
-
-
-@torch.no_grad()
-def task_prototype(pool: KeyPool, task: int) -> Optional[Prototype]:
-    """Normalised mean of the keys created for ``task`` (None if the pool has none)."""
-    rows = pool.task_of_expert == task
-    if not bool(rows.any()):
-        return None
-    return tuple(F.normalize(k.detach()[rows].float().mean(0), dim=-1) for k in pool.keys)
-
-
-def prefill_prototype_routes(state: RoutingState, pools: Sequence[KeyPool],
-                             prototypes: Sequence[Optional[Prototype]]) -> None:
-    """Fill the routing cache so every pool routes all samples by its own prototype ([1, r] routes expand to any
-    batch, including the projector's per-image batch)."""
-    for pool, proto in zip(pools, prototypes):
-        if proto is None or pool.n == 0:
-            continue
-        q = tuple(p.to(pool.keys[i].dtype).unsqueeze(0) for i, p in enumerate(proto))
-        state.cache[id(pool)] = pool.gate(q)
+from pclr.modules import FusedLRPLinear, KeyPool
 
 
 class TaskSampler:
@@ -84,3 +61,29 @@ def topk_sqrt_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, k
     kl = (log_pt.exp() * (log_pt - F.log_softmax(ls, -1))).sum(-1)
     den = mask.sum().clamp_min(1) if normalizer is None else normalizer.clamp_min(1)
     return kl.sum() / den
+
+
+def open_for_integration(pools: Sequence[KeyPool], layers: Sequence[FusedLRPLinear]) -> list[nn.Parameter]:
+    """Make every expert and shared rank trainable (keys stay frozen; no gate restriction); returns the parameters
+    QKLD trains."""
+    for pool in pools:
+        pool.unfreeze()
+        pool.set_candidates(None, None)
+        for k in pool.keys:
+            k.requires_grad_(False)
+    params = [p for lay in layers if lay.n for p in (lay.A_m, lay.B_m)]
+    for lay in layers:
+        if lay.n_shared:
+            lay.A_s.requires_grad_(True)
+            lay.B_s.requires_grad_(True)
+            params += [lay.A_s, lay.B_s]
+    return params
+
+
+def close_integration(pools: Sequence[KeyPool], layers: Sequence[FusedLRPLinear]) -> None:
+    """Freeze what :func:`open_for_integration` opened."""
+    for lay in layers:
+        lay.A_s.requires_grad_(False)
+        lay.B_s.requires_grad_(False)
+    for pool in pools:
+        pool.freeze()

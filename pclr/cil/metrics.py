@@ -1,4 +1,5 @@
-"""Continual-learning metrics (SPEC §4), CoIN-style scorers and the report files (JSON, heatmap PNG, markdown).
+"""Continual-learning metrics (New.ACC, Avg.ACC, Forgetting, BWT), CoIN-style scorers and the report files
+(JSON, heatmap PNG, markdown).
 
 Accuracy matrix a[i][j] = accuracy (0-100) on task j after training task i; NaN where not measured (j > i).
 """
@@ -9,8 +10,11 @@ import math
 import os
 import re
 import string
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
 
 # ------------------------------------------------------------------------------------------------ scorers
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -116,7 +120,7 @@ def summarize(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     forg, bwt = [], []
     for j in range(T - 1):
         final = matrix[T - 1][j]
-        seen = [matrix[l][j] for l in range(j, T - 1) if not _nan(matrix[l][j])]
+        seen = [matrix[i][j] for i in range(j, T - 1) if not _nan(matrix[i][j])]
         if _nan(final) or not seen:
             continue
         forg.append(max(seen) - final)
@@ -170,19 +174,18 @@ class CILResults:
         _atomic_write(paths["json"], json.dumps(self.to_dict(), indent=2))
         _atomic_write(paths["markdown"], self.markdown())
         if heatmap:
-            paths["heatmap"] = os.path.join(output_dir, "accuracy.png")
-            save_heatmap(self.matrix, self.task_names, paths["heatmap"], title=self.method)
+            path = os.path.join(output_dir, "accuracy.png")
+            if save_heatmap(self.matrix, self.task_names, path, title=self.method):
+                paths["heatmap"] = path
         return paths
 
 
-def save_heatmap(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str, title: str = "") -> None:
-    """Heatmap PNG of the accuracy matrix (rows: after task i; columns: evaluated task j)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def save_heatmap(matrix: Sequence[Sequence[float]], names: Sequence[str], path: str, title: str = "") -> bool:
+    """Heatmap PNG of the accuracy matrix (rows: after task i; columns: evaluated task j); False when matplotlib
+    is not installed (nothing written)."""
+    plt = pyplot_or_none(os.path.basename(path))
+    if plt is None:
+        return False
     m = np.array([[np.nan if _nan(x) else x for x in row] for row in matrix], dtype=float)
     T = len(names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * T, 0.8 + 0.7 * T))
@@ -204,6 +207,22 @@ def save_heatmap(matrix: Sequence[Sequence[float]], names: Sequence[str], path: 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+    return True
+
+
+def pyplot_or_none(what: str) -> Any:
+    """``matplotlib.pyplot`` (Agg backend), or None after one line on stderr saying ``what`` is skipped: figures
+    are optional (matplotlib comes with the ``[demo]`` extra), the numbers are always written."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"pclr: matplotlib is not installed, so {what} is not drawn (pip install 'pclr[demo]' or "
+              "matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Progressive schedules: how many experts each task adds and how much compression frees before it (SPEC §3).
+"""Progressive schedules: how many experts each task adds and how much compression frees before it.
 
     resolve_schedule("coin8", n_tasks=8, lrp=LRPConfig())      # the paper's CoIN schedule
     resolve_schedule("auto", n_tasks=5, lrp=LRPConfig(r=8, budget=32))
@@ -8,10 +8,12 @@ Every schedule is simulated before training: the pool never exceeds the budget a
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 from pclr.cil.compression import kept_count
-from pclr.cil.config import TaskPlan
+from pclr.cil.config import CILConfig, TaskPlan
+from pclr.cil.lwf import is_group_start
 from pclr.config import LRPConfig
 
 # CoIN, 8 tasks, budget 256, r 64 (reference): t1..t3 +64; t4 +64 after keeping 3/4 (shared ranks created);
@@ -90,3 +92,19 @@ def resolve_schedule(schedule: Union[str, Sequence[TaskPlan], None], n_tasks: in
         plans = [TaskPlan(p.n_new, 1.0, False) for p in plans]
     validate_schedule(plans, lrp, compression)
     return plans
+
+
+def pool_plan(config: CILConfig, n_tasks: int) -> tuple[LRPConfig, list[Optional[TaskPlan]]]:
+    """The pool settings and the per-task plans of a run (validated).
+
+    LoRA baselines: one pool of ``lora_rank`` (default r) experts, no plans. PCLR: the resolved schedule, one plan
+    per task (pclr_lwf: per group, on the group's first task; None on the others)."""
+    plans: list[Optional[TaskPlan]] = [None] * n_tasks
+    if not config.uses_pool:
+        rank = config.lora_rank or config.lrp.r
+        return dataclasses.replace(config.lrp, r=rank, budget=max(rank, config.lrp.budget)), plans
+    starts = [t for t in range(n_tasks)
+              if config.method != "pclr_lwf" or is_group_start(t, config.lwf_group_size)]
+    for t, p in zip(starts, resolve_schedule(config.schedule, len(starts), config.lrp, config.compression)):
+        plans[t] = p
+    return config.lrp, plans

@@ -1,4 +1,4 @@
-"""Model builders: a tiny random-config LLaVA / causal LM (tests) and the pretrained mini LLaVA (main job)."""
+"""What the trainer takes: the ModelBundle type, and tiny offline random-weight models (tests, examples)."""
 from pclr.models.bundle import ModelBundle
 
 __all__ = ["ModelBundle"]

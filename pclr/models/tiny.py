@@ -6,14 +6,22 @@
 from __future__ import annotations
 
 import string
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
 from pclr.models.bundle import ModelBundle
-
-if TYPE_CHECKING:  # imported lazily at run time: transformers is heavy
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 # A chat template in the LLaVA-1.5 style ("USER: ... ASSISTANT: ...</s>"), written for the word-level tokenizer.
@@ -35,14 +43,11 @@ BASE_WORDS = (
 )
 
 
-def tiny_tokenizer(extra_words: Iterable[str] = ()) -> "PreTrainedTokenizerFast":
+def tiny_tokenizer(extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``BASE_WORDS`` + letters + digits (+ ``extra_words``) with a chat template.
 
     Words split on whitespace and punctuation; unknown words map to ``<unk>``; ``<image>`` is one special token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = list(dict.fromkeys([*SPECIAL_TOKENS, *BASE_WORDS, *string.ascii_lowercase, *string.ascii_uppercase,
                                 *string.digits, *extra_words]))
     vocab = {w: i for i, w in enumerate(words)}
@@ -55,9 +60,7 @@ def tiny_tokenizer(extra_words: Iterable[str] = ()) -> "PreTrainedTokenizerFast"
     return fast
 
 
-def _llama_text_config(vocab_size: int, hidden: int, layers: int, tok) -> "LlamaConfig":
-    from transformers import LlamaConfig
-
+def _llama_text_config(vocab_size: int, hidden: int, layers: int, tok) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -68,8 +71,6 @@ def _llama_text_config(vocab_size: int, hidden: int, layers: int, tok) -> "Llama
 def tiny_causal_lm(hidden: int = 32, layers: int = 2, seed: int = 0,
                    extra_words: Sequence[str] = ()) -> ModelBundle:
     """A random ``LlamaForCausalLM`` (≈50k parameters with the defaults) and its word-level tokenizer."""
-    from transformers import LlamaForCausalLM
-
     tok = tiny_tokenizer(extra_words)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_llama_text_config(len(tok), hidden, layers, tok)).eval()
@@ -83,8 +84,6 @@ def tiny_llava(hidden: int = 32, layers: int = 2, vision_hidden: int = 16, visio
     """A random ``LlavaForConditionalGeneration``: tiny Llama text model, tiny CLIP vision tower (with CLS),
     2-layer MLP projector; features from the penultimate vision layer without CLS ("default" strategy), so one
     ``<image>`` expands into (image_size / patch_size)² placeholder tokens."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
     tok = tiny_tokenizer(extra_words)
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                               num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
@@ -108,8 +107,6 @@ def tiny_llava(hidden: int = 32, layers: int = 2, vision_hidden: int = 16, visio
 def tiny_qwen2_vl(hidden: int = 32, layers: int = 2, seed: int = 0) -> ModelBundle:
     """A random ``Qwen2VLForConditionalGeneration`` (8×8 images → 4 patches → 1 merged token). For injection and
     query tests: the CoIN collator expands ``<image>`` LLaVA-style and does not build Qwen2-VL's grid inputs."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
     tok = tiny_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

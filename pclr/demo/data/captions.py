@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 
-from pclr.data import scenes
-from pclr.data.coin_mini import BOOK_TITLES, DIGIT_TEST_EVERY, GENRES, NUMBER_WORDS, SIGN_WORDS
-from pclr.data.scenes import COLOURS, SHAPES
+from pclr.demo.data import scenes
+from pclr.demo.data.coin_mini import BOOK_TITLES, DIGIT_TEST_EVERY, GENRES, NUMBER_WORDS, SIGN_WORDS
+from pclr.demo.data.scenes import COLOURS, SHAPES
 
 EXTRA_WORDS = ("milk", "road", "gate", "lamp", "door", "fish", "wind", "blue", "tree", "mall", "zoo", "info")
 EXTRA_TITLES = ("Snow", "Old Road", "Green Sea", "Night", "Sun Cup")
@@ -76,7 +76,7 @@ def _size_word(obj: scenes.Obj, size: int) -> str:
 def word_caption(rng: random.Random, size: int) -> tuple:
     """(image, caption) with a terse caption of at most ~16 SmolLM2 tokens, one visual fact per word.
 
-    These are the targets of the embedding-space alignment (``pclr.models.alignment``): each of the 16 image tokens
+    These are the targets of the embedding-space alignment (``pclr.demo.models.alignment``): each of the 16 image tokens
     is pulled onto the input embedding of one caption token, so the frozen LM reads an image like a short text.
     Objects are listed left to right (sizes and positions in words for one or two objects, sizes for three, colour
     and shape only for crowded scenes, so that counting scenes of up to six objects still fit).

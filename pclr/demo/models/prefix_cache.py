@@ -6,10 +6,13 @@ revisits each example every epoch and every method revisits the same data, so th
 per example; each later step runs the top layers alone.
 
 The cache sits inside the language model's ``forward`` (``PrefixCachedLlamaModel`` swaps the class of an existing
-``LlamaModel`` instance, so parameter names and checkpoints are unchanged). It is used only for plain forwards
-(``past_key_values is None``): ``generate`` passes a KV cache and takes the ordinary path, because decoding needs the
-bottom layers' keys/values, which this cache does not hold. It is bypassed too when the input embeddings require
-grad (something below trains), so it can never silently drop a gradient.
+``LlamaModel`` instance, so parameter names and checkpoints are unchanged). It is used only for plain forwards (no
+KV cache given): ``generate`` passes a KV cache and takes the ordinary path, because decoding needs the bottom
+layers' keys/values, which this cache does not hold. The KV cache arrives as ``cache=`` (transformers >= 5.24, the
+keyword LLaVA passes) or ``past_key_values=`` (earlier 5.x); both are recognised, and the installed LlamaModel is
+called with the keyword its signature declares, so no deprecated keyword is ever passed. The prefix cache is
+bypassed too when the input embeddings require grad (something below trains), so it can never silently drop a
+gradient.
 
 Rows are keyed by the bytes of their valid (attention-mask = 1) input embeddings and positions, so the same example
 padded to a different batch length hits the same entry; padded positions of a hit row get zeros, which is exact for
@@ -18,14 +21,22 @@ every valid position because padded keys are masked out of attention.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import OrderedDict
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaModel
+
+from pclr.modules import FusedLRPLinear
+
+# The KV-cache keyword of the installed transformers: "cache" from 5.24 on ("past_key_values" is deprecated there and
+# removed in 5.40), "past_key_values" before. Read once from the signatures instead of from version numbers.
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 class PrefixCachedLlamaModel(LlamaModel):
@@ -54,34 +65,42 @@ class PrefixCachedLlamaModel(LlamaModel):
         self._prefix_cache.clear()
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cache: Any = None, inputs_embeds: Optional[Tensor] = None,
+                use_cache: Optional[bool] = None, past_key_values: Any = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        """``LlamaModel.forward``; the KV cache may come as ``cache=`` or ``past_key_values=`` (see module doc).
+
+        inputs_embeds: [B, L, d] (or input_ids [B, L]); attention_mask: [B, L] (1 = token) or 4-D; returns the
+        last hidden state [B, L, d] (and the KV cache on the ordinary path)."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache once: cache= or past_key_values=, not two different ones")
+        kv = cache if cache is not None else past_key_values
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.prefix_layers == 0 or past_key_values is not None or inputs_embeds.requires_grad \
-                or not self._bottom_is_frozen():
+        if self.prefix_layers == 0 or kv is not None or inputs_embeds.requires_grad or not self._bottom_is_frozen():
             return super().forward(input_ids=None, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, **kwargs)
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache, **{CACHE_KW: kv}, **kwargs)
         B, L, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = torch.arange(L, device=inputs_embeds.device).unsqueeze(0)
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else \
             torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
         hidden = self._prefix(inputs_embeds, mask2d, position_ids, attention_mask)
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                         past_key_values=None, position_ids=position_ids)
+        causal_mask = self._causal_mask(hidden, attention_mask, position_ids)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers[self.prefix_layers: self.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids, past_key_values=None, use_cache=False, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=None)
+                           position_ids=position_ids, use_cache=False, **{CACHE_KW: None}, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden))
+
+    def _causal_mask(self, embeds: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor) -> Any:
+        return create_causal_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, **{_MASK_CACHE_KW: None})
 
     def _bottom_is_frozen(self) -> bool:
         """True when the bottom layers hold only frozen, unadapted weights (an LRP there, even a frozen one,
         changes with routing and across tasks, so its outputs must not be reused)."""
-        from pclr.modules import FusedLRPLinear
-
         for layer in self.layers[: self.prefix_layers]:
             for m in layer.modules():
                 if isinstance(m, FusedLRPLinear) or any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -107,12 +126,11 @@ class PrefixCachedLlamaModel(LlamaModel):
             sub_mask = attention_mask[idx] if attention_mask is not None and attention_mask.dim() == 2 else None
             sub_pos = position_ids if position_ids.shape[0] == 1 else position_ids[idx]
             h = emb[idx]
-            causal = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=sub_mask,
-                                        past_key_values=None, position_ids=sub_pos)
+            causal = self._causal_mask(h, sub_mask, sub_pos)
             pe = self.rotary_emb(h, position_ids=sub_pos)
             for layer in self.layers[: self.prefix_layers]:
-                h = layer(h, attention_mask=causal, position_embeddings=pe, position_ids=sub_pos,
-                          past_key_values=None, use_cache=False)
+                h = layer(h, attention_mask=causal, position_embeddings=pe, position_ids=sub_pos, use_cache=False,
+                          **{CACHE_KW: None})
             for i, b in enumerate(miss):
                 self._prefix_cache[keys[b]] = h[i][valid[b]].clone()
                 if len(self._prefix_cache) > self.prefix_cache_size:

@@ -4,8 +4,8 @@ LLaVA's stage 1 trains the projector so that the LM, reading the projected image
 2-core CPU that costs a backward pass through all 30 SmolLM2 layers per step (14-60 s per step measured), so it never
 finishes in a few minutes. This stage reaches the same end by a cheaper route: the k-th of the 16 image tokens is
 pulled onto the frozen input embedding of the k-th token of a terse caption of the scene
-(``pclr.data.captions.word_caption``: "small red circle left, large blue square top"), so the LM afterwards reads an
-image much like the caption's words. Only the small vision tower and the projector run forward and backward
+(``pclr.demo.data.captions.word_caption``: "small red circle left, large blue square top"), so the LM afterwards
+reads an image much like the caption's words. Only the small vision tower and the projector run forward and backward
 (milliseconds per batch), so thousands of image-caption pairs fit in about a minute.
 
 Loss per image token (target token t, caption vocabulary V with embeddings e_v):
@@ -18,9 +18,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from pclr.demo.data.captions import word_captions
 
 FILLER = "."
 
@@ -38,8 +42,6 @@ def image_token_features(model: Any, pixel_values: Tensor) -> Tensor:
 
 def _pixels(images: list, size: int, mean, std) -> Tensor:
     """uint8 [N, 3, S, S] (normalised per batch later: 4x less memory than floats)."""
-    import numpy as np
-
     arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
@@ -47,10 +49,6 @@ def _pixels(images: list, size: int, mean, std) -> Tensor:
 def align_to_embeddings(bundle: Any, *, n_images: int, steps: int, batch: int, lr: float, seed: int,
                         progress: bool = True) -> dict:
     """Train vision tower + projector of ``bundle.model`` (LM frozen, never run); returns statistics."""
-    from tqdm.auto import tqdm
-
-    from pclr.data.captions import word_captions
-
     model, tok = bundle.model, bundle.tokenizer
     n_tok = bundle.num_image_tokens
     t0 = time.perf_counter()
@@ -117,8 +115,6 @@ def align_to_embeddings(bundle: Any, *, n_images: int, steps: int, batch: int, l
 @torch.no_grad()
 def _heldout_token_accuracy(model, bundle, emb, vocab, seed, n_tok, filler, mean, std, n: int = 256) -> float:
     """Share of image tokens of unseen images whose nearest caption-vocabulary embedding is their target word."""
-    from pclr.data.captions import word_captions
-
     pairs = word_captions(n, seed + 7919, bundle.image_size)
     tok = bundle.tokenizer
     lookup = {int(v): i for i, v in enumerate(vocab)}

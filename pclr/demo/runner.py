@@ -1,0 +1,203 @@
+"""The work behind ``pclr run`` / ``pclr eval``: data, model, one trainer per method, the report.
+
+:mod:`pclr.demo.experiment` (the command line) imports this module only once the arguments are checked.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+
+from pclr.cil.config import CILConfig, Task
+from pclr.cil.metrics import summarize
+from pclr.cil.trainer import CILTrainer
+from pclr.config import LRPConfig
+from pclr.demo.data.coin_mini import VERSION, generate
+from pclr.demo.models.smol import build_mini_llava, inject_top_layers
+from pclr.demo.report import atomic_write, jsonable, machine, table, write_report
+from pclr.demo.settings import METHOD_LABELS, Preset, UsageError, parse_schedule
+from pclr.inject import lrp_layers, lrp_pools
+
+
+def _cil_config(ident: dict, method: str, progress: bool):
+    p = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in ident["sizes"].items()})
+    lrp = LRPConfig(r=p.r, alpha=p.alpha, n_shared=p.n_shared, budget=p.budget)
+    per_task = p.budget // 4 if ident["schedule"] == "auto" else None
+    return CILConfig(method=method, lrp=lrp, schedule=parse_schedule(ident["schedule"]), compression=p.compression,
+                     integration_steps=p.integration_steps, integration_lr=p.integration_lr, epochs=p.epochs,
+                     batch_size=p.batch_size, lr=p.lr,
+                     eval_batch_size=p.eval_batch_size, max_new_tokens=p.max_new_tokens, eval_mode=p.eval_mode,
+                     key_init=p.key_init,
+                     seed=ident["seed"],
+                     lora_rank=max(p.r, per_task or p.r), progress=progress, tensorboard=False), p
+
+
+def _tasks(ident: dict, data_root: Path):
+    p = ident["sizes"]
+    data = generate(data_root, seed=ident["seed"], n_train=p["n_train"], n_test=p["n_test"],
+                    tasks=ident["tasks"])
+    return [Task(n, train=str(f.train_json), test=str(f.test_json), image_root=str(f.root), scorer=f.scorer)
+            for n, f in data.tasks.items()], data
+
+
+def _data_root(args, ident: dict) -> Path:
+    base = Path(args.data_dir).expanduser() if args.data_dir else None
+    if base is None:
+        base = Path(os.environ.get("PCLR_CACHE", Path.home() / ".cache" / "pclr"))
+    p = ident["sizes"]
+    tag = "-".join(t.replace("-", "") for t in ident["tasks"]) if len(ident["tasks"]) < 8 else "all"
+    return base / "coin-mini" / f"v{VERSION}-seed{ident['seed']}-{p['n_train']}x{p['n_test']}-{tag}"
+
+
+def _method_model(base_bundle, method_cfg, preset: Preset):
+    """A private copy of the base model with LRP in its top layers; the prefix cache is shared between copies (the
+    frozen bottom is identical in all of them)."""
+
+    base = base_bundle.model
+    shared_cache = getattr(base.model.language_model, "_prefix_cache", None)
+    model = copy.deepcopy(base)
+    if shared_cache is not None:
+        model.model.language_model._prefix_cache = shared_cache
+    lrp = method_cfg.lrp
+    if not method_cfg.uses_pool:  # the trainer's LoRA baseline: one pool of lora_rank experts
+        rank = method_cfg.lora_rank or lrp.r
+        lrp = dataclasses.replace(lrp, r=rank, budget=max(rank, lrp.budget))
+    inject_top_layers(model, lrp, preset.lrp_layers)
+    return dataclasses.replace(base_bundle, model=model)
+
+
+def _trainable_per_task(trainer) -> int:
+    """LRP parameters that train while learning the current task (rows of trainable experts + their keys)."""
+    total = 0
+    for pool in lrp_pools(trainer.model).values():
+        rows = int(pool.trainable.sum())
+        if trainer.lora:
+            rows = pool.n
+        per_row = sum(lay.A_m.shape[1] + lay.B_m.shape[1] for lay in pool.layers)
+        total += rows * per_row + (0 if trainer.lora else rows * sum(pool.query_dims))
+    return total
+
+
+def _stored_params(trainer) -> int:
+    n = sum(t.numel() for lay in lrp_layers(trainer.model).values()
+            for t in (lay.A_m, lay.B_m, lay.A_s, lay.B_s)
+            if t is not None)
+    return n + sum(k.numel() for p in lrp_pools(trainer.model).values() for k in p.keys)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB; process-wide peak
+    return kb / 1024 if sys.platform != "darwin" else kb / 2 ** 20
+
+
+def _build(ident: dict, args, device: str):
+    p = ident["sizes"]
+    cache = args.cache_dir or args.data_dir
+    return build_mini_llava(p["model"], cache_dir=cache, lrp_layers=p["lrp_layers"],
+                            prefix_cache=device == "cpu", progress=not args.no_progress)
+
+
+def _make_trainer(bundle, ident, method, out: Path, progress: bool, tasks, device: str):
+
+
+    cfg, preset = _cil_config(ident, method, progress)
+    mb = _method_model(bundle, cfg, preset)
+    acc = Accelerator(cpu=device == "cpu")
+    return CILTrainer(mb, cfg, tasks, output_dir=str(out / method), accelerator=acc)
+
+
+def _check_checkpoint(trainer, out: Path, method: str) -> None:
+    path = trainer.checkpoint_path
+    if not os.path.exists(path):
+        return
+    try:
+        trainer.load_checkpoint()
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the checkpoint cannot be trusted
+        raise UsageError(f"the checkpoint of {method} ({path}) is corrupt or incompatible: "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
+    """``pclr run`` after its checks: build the data and the model, train every method, write the report."""
+
+
+    t_start = time.perf_counter()
+    progress = not args.no_progress
+    torch.manual_seed(ident["seed"])
+    tasks, data = _tasks(ident, _data_root(args, ident))
+    print(f"CoIN-mini: {len(tasks)} tasks, {ident['sizes']['n_train']} train / {ident['sizes']['n_test']} test "
+          f"each ({'generated' if data.generated else 'cached'} at {data.root})", flush=True)
+    bundle = _build(ident, args, device)
+    al = bundle.info.get("alignment", {})
+    print(f"model: {bundle.info['name']} ({bundle.info['language_model']}); vision alignment "
+          f"{'ran now' if al.get('ran_now') else 'loaded from cache'} ({al.get('steps')} steps, "
+          f"loss {al.get('loss_first')} -> {al.get('loss_last')}); build {bundle.info['build_seconds']} s", flush=True)
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics.setdefault("methods", {})
+    for method in ident["methods"]:
+        trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
+        if args.resume:
+            _check_checkpoint(trainer, out, method)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainable = {}
+
+        def on_step(tr, t, phase, step, _acc=trainable):
+            if step == 0 and phase == "learn":
+                _acc[t] = _trainable_per_task(tr)
+
+        trainer.config.on_step = on_step
+        prev = metrics["methods"].get(method, {})
+        t0 = time.perf_counter()
+        print(f"== {METHOD_LABELS[method]} ==", flush=True)
+        res = trainer.run(resume=args.resume)
+        wall = time.perf_counter() - t0 + (prev.get("wall_seconds", 0.0) if args.resume else 0.0)
+        summary = summarize(res.matrix)
+        metrics["methods"][method] = {
+            "label": METHOD_LABELS[method], "matrix": res.matrix, **summary,
+            "trainable_params_per_task": max(trainable.values()) if trainable else prev.get(
+                "trainable_params_per_task"),
+            "stored_lrp_params": _stored_params(trainer), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "wall_seconds": round(wall, 1), "experts": res.extra.get("experts") if res.extra else None,
+        }
+        print(f"   New.ACC {summary['new_acc']:.2f}  Avg.ACC {summary['avg_acc']:.2f}  "
+              f"Forgetting {summary['forgetting']:.2f}  BWT {summary['bwt']:.2f}  ({wall:.0f} s)", flush=True)
+        del trainer
+    metrics.update({"run": ident, "tasks": ident["tasks"], "model": jsonable(bundle.info),
+                    "machine": machine(device), "total_wall_seconds": round(time.perf_counter() - t_start, 1)})
+    written = write_report(out, metrics)
+    print()
+    print(table(metrics))
+    print(f"\nwrote {out}/{', '.join(written)} ({metrics['total_wall_seconds']:.0f} s)")
+    return 0
+
+
+def evaluate_run(out: Path, ident: dict, metrics: Optional[dict], device: str, progress: bool = True) -> None:
+    """``pclr eval``: every method's final checkpoint on every task; the accuracies go into metrics.json."""
+    ns = argparse.Namespace(data_dir=None, cache_dir=None, no_progress=not progress)
+    tasks, _ = _tasks(ident, _data_root(ns, ident))
+    bundle = _build(ident, ns, device)
+    metrics = metrics or {"methods": {}, "run": ident, "tasks": ident["tasks"]}
+    for method in ident["methods"]:
+        trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
+        if not os.path.exists(trainer.checkpoint_path):
+            raise UsageError(f"{method} has no checkpoint in {out / method}")
+        _check_checkpoint(trainer, out, method)
+        acc = trainer.evaluate(list(range(len(tasks))))
+        m = metrics["methods"].setdefault(method, {"label": METHOD_LABELS[method]})
+        m["final_eval"] = {ident["tasks"][j]: a for j, a in acc.items()}
+        print(f"{METHOD_LABELS[method]}: " + ", ".join(f"{ident['tasks'][j]} {a:.1f}" for j, a in acc.items()))
+    atomic_write(out / "metrics.json", json.dumps(jsonable(metrics), indent=1))

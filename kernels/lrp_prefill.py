@@ -1,0 +1,283 @@
+"""Triton kernels of the prefill / training LRP linear at the work floor (gathered rank rows, per-sample tiles).
+
+Notation (per sample s, R = n_s + r active ranks, shared rows first)::
+
+    Down_eff[s] = [Down_s; Down_m[idx[s]]]  [R, K]      Up_eff[s] = [Up_s; Up_m[idx[s]]]  [R, N]
+    scale[s]    = [beta_s]*n_s ++ val[s]*beta_m  [R]
+    U[t]        = X[t]·Down_eff[s]ᵀ   [R], unscaled, fp32 (fp64 for fp64 inputs), sorted token order
+    out[t]      = X[t]·Wᵀ + bias + (scale ⊙ U[t])·Up_eff[s]          (t a token of sample s)
+
+Forward: U = x·A_effᵀ once per token (:func:`shrink_kernel`, split over rank chunks and, when that leaves the machine
+half idle, over K with a fixed-order reduction by :func:`split_sum_kernel`), then one K-extended GEMM per (token
+tile, N tile) (:func:`kext_gemm_kernel`): the base product and the low-rank term accumulate in the same registers,
+so y is written once. Backward with u = U kept from the forward::
+
+    dS      = dY·B_effᵀ                                    (shrink_kernel, X = dY, Down = B)
+    dX      = dY·W + (scale ⊙ dS)·A_eff                    (kext_gemm_kernel, X = dY, W strides swapped, U = dS)
+    dA_eff  = (scale ⊙ dS)ᵀ·x,  dB_eff = (scale ⊙ u)ᵀ·dY    (rank_grad_kernel, one launch for both)
+    dval    = beta_m · Σ_t dS ⊙ u  over the pool lanes      (rank_grad_kernel, programs of the first column block)
+
+dA_eff / dB_eff are per-sample partial rows; :func:`rows_reduce_kernel` sums them into pool and shared rows in a
+fixed order (bit-identical across runs) and writes the final dtype directly, zeros on rows nobody trained.
+
+Ranks are processed in chunks of RC lanes (16 or 32, whichever wastes fewer lanes on R): lane k of chunk c is rank
+c·RC + k; rank k < n_s is shared row k, rank n_s + i is pool row idx[s, i], ranks ≥ R are masked (scale 0). Rows
+are gathered from base pointers + row indices (never arrays of pointers); shared and pool rows come from two masked
+loads added together, so one [RC, ·] tile feeds one ``tl.dot``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile ``pid_m`` of the tile map: (sample, sorted positions, token rows int64, row mask, non-empty)."""
+    s = tl.load(TILE_SAMPLE + pid_m)
+    start = tl.load(TILE_START + pid_m)
+    end = tl.load(TILE_END + pid_m)
+    pos = start + tl.arange(0, BLOCK_M)
+    mask = pos < end
+    if SORTED:
+        tok = tl.load(TOK + pos, mask=mask, other=0).to(tl.int64)
+    else:
+        tok = pos.to(tl.int64)
+    return s, pos, tok, mask, start < end
+
+
+@triton.jit
+def rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC: tl.constexpr, ACC: tl.constexpr):
+    """Ranks r0 .. r0 + RC of sample s: (lanes, is_shared, is_pool, pool row int64 (0 unused), scale (0 unused))."""
+    lanes = r0 + tl.arange(0, RC)
+    is_s = lanes < n_s
+    is_m = (lanes >= n_s) & (lanes < n_s + r)
+    i = lanes - n_s
+    row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
+    v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(ACC)
+    scale = tl.where(is_s, beta_s, v * beta_m).to(ACC)
+    return lanes, is_s, is_m, row, scale
+
+
+@triton.jit
+def gather_rows_t(RS, RM, lanes, row, is_s, is_m, stride, offs_c, mask_c):
+    """Rank rows, transposed: [len(offs_c), RC] = (Rows_eff[lanes, offs_c])ᵀ."""
+    a = tl.load(RS + lanes[None, :] * stride + offs_c[:, None], mask=is_s[None, :] & mask_c[:, None], other=0.0)
+    b = tl.load(RM + row[None, :] * stride + offs_c[:, None], mask=is_m[None, :] & mask_c[:, None], other=0.0)
+    return a + b
+
+
+@triton.jit
+def gather_rows(RS, RM, lanes, row, is_s, is_m, stride, offs_c, mask_c):
+    """Rank rows: [RC, len(offs_c)] = Rows_eff[lanes, offs_c]."""
+    a = tl.load(RS + lanes[:, None] * stride + offs_c[None, :], mask=is_s[:, None] & mask_c[None, :], other=0.0)
+    b = tl.load(RM + row[:, None] * stride + offs_c[None, :], mask=is_m[:, None] & mask_c[None, :], other=0.0)
+    return a + b
+
+
+@triton.jit
+def shrink_kernel(
+    X, DS, DM, IDX, U, TOK, TILE_SAMPLE, TILE_START, TILE_END,
+    K, R, n_s, r, k_per_split,
+    stride_x, stride_d, stride_idx, stride_split, stride_u,
+    SORTED: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    """U[split, pos, chunk] = X[tok, k-range]·Down_eff[chunk, k-range]ᵀ, unscaled ACC.
+
+    X [T, K]; DS [n_s, K], DM [n, K] (row stride ``stride_d``); IDX int32 [B, r]; U ACC [splits, T, R] (split
+    stride ``stride_split``; one split writes the final U directly). Grid: (tile slots, cdiv(R, RC), splits); split
+    j covers K columns [j·k_per_split, (j + 1)·k_per_split), a multiple of BLOCK_K.
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    s, pos, tok, mask_m, live = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
+    if live:
+        lanes, is_s, is_m, row, scale = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, ACC)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        acc = tl.zeros([BLOCK_M, RC], dtype=ACC)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            d = gather_rows_t(DS, DM, lanes, row, is_s, is_m, stride_d, offs_k, mask_k)
+            acc = tl.dot(x, d, acc=acc, input_precision="ieee")
+        ptrs = U + pid_k * stride_split + pos[:, None].to(tl.int64) * stride_u + lanes[None, :]
+        tl.store(ptrs, acc, mask=mask_m[:, None] & (lanes < R)[None, :])
+
+
+@triton.jit
+def split_sum_kernel(P, U, numel, splits, stride_split, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """U[i] = Σ_j P[j, i] for j = 0 .. splits - 1 in that order (deterministic split-K reduction).
+
+    P ACC [splits, numel] (split stride ``stride_split``), U ACC [numel]. Grid: (cdiv(numel, BLOCK),).
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for j in range(0, splits):
+        acc += tl.load(P + j * stride_split + offs, mask=mask, other=0.0)
+    tl.store(U + offs, acc, mask=mask)
+
+
+@triton.jit
+def kext_gemm_kernel(
+    X, W, BIAS, OUT, U, US, UM, IDX, VAL, TOK, TILE_SAMPLE, TILE_START, TILE_END,
+    K, N, R, n_s, r,
+    stride_x, stride_wn, stride_wk, stride_out, stride_u, stride_up, stride_idx,
+    beta_m, beta_s,
+    HAS_BIAS: tl.constexpr, SORTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
+):
+    """OUT[tok, n-tile] = [X | scale ⊙ U]·[W | Up_eff]ᵀ + bias for one tile of tokens of one sample.
+
+    X [T, K]; W viewed [N, K] through (stride_wn, stride_wk); OUT [T, N] (token order); U ACC [T, R] (sorted
+    order, unscaled); US [n_s, N], UM [n, N] (row stride ``stride_up``); IDX int32 [B, r]; VAL [B, r].
+    The low-rank term is ceil(R / RC) more K iterations of the same accumulator (K extended by R).
+    Grid: (tile slots, cdiv(N, BLOCK_N)).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    s, pos, tok, mask_m, live = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
+    if live:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+            acc = tl.dot(x, w, acc=acc, input_precision="ieee")
+        for r0 in range(0, R, RC):
+            lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+                                                       ACC)
+            u = tl.load(U + pos[:, None].to(tl.int64) * stride_u + lanes[None, :],
+                        mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
+            up = gather_rows(US, UM, lanes, row, is_s, is_m, stride_up, offs_n, mask_n)
+            # gate value and beta fold into the small [tile, R] operand, never into the weights
+            acc = tl.dot((u * scale[None, :]).to(up.dtype), up, acc=acc, input_precision="ieee")
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+        tl.store(OUT + tok[:, None] * stride_out + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def rank_grad_block(
+    G, X, P, s, pid_n, lanes, scale, start, count, TOK, D, R,
+    stride_g, stride_x, stride_p,
+    SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
+):
+    """P[s·R + lanes, n-block] = Σ_{t in sample s} (scale ⊙ G[t, lanes])ᵀ·X[t, n-block], accumulated as its
+    transpose [BLOCK_N, RC] so the MMA's M dimension is the wide column block, not the few ranks."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    mask_r = lanes < R
+    acc = tl.zeros([BLOCK_N, RC], dtype=ACC)
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < count
+        pos = start + offs_m
+        if SORTED:
+            tok = tl.load(TOK + pos, mask=mask_m, other=0).to(tl.int64)
+        else:
+            tok = pos.to(tl.int64)
+        g = tl.load(G + pos[:, None].to(tl.int64) * stride_g + lanes[None, :],
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        x = tl.load(X + tok[:, None] * stride_x + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                    other=0.0)
+        acc = tl.dot(tl.trans(x), (g * scale[None, :]).to(x.dtype), acc=acc, input_precision="ieee")
+    prow = (s * R + lanes).to(tl.int64)
+    tl.store(P + prow[None, :] * stride_p + offs_n[:, None], acc, mask=mask_r[None, :] & mask_n[:, None])
+
+
+@triton.jit
+def rank_grad_kernel(
+    DS, U, XA, XB, PA, PB, DVAL, IDX, VAL, TOK, SEG_START, SEG_COUNT,
+    DA, DB, R, n_s, r, nblk_a,
+    stride_g, stride_xa, stride_xb, stride_pa, stride_pb, stride_dval, stride_idx,
+    beta_m, beta_s,
+    NEED_GRAD: tl.constexpr, NEED_VAL: tl.constexpr, SORTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per-sample rank-row gradients and dval of the backward, one launch.
+
+    DS, U ACC [T, R] (sorted order; dS = dY·B_effᵀ and u = x·A_effᵀ, both unscaled); XA = x [T, DA], XB = dY
+    [T, DB] (token order); PA ACC [B·R, DA] ← (scale ⊙ dS)ᵀ·x, PB ACC [B·R, DB] ← (scale ⊙ u)ᵀ·dY (per-sample
+    partial rows); DVAL [B, r] ← beta_m · Σ_t dS ⊙ u (pool lanes, by the programs of column block 0).
+    Grid: (cdiv(R, RC), cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N), B) or, without NEED_GRAD, (cdiv(R, RC), 1, B);
+    rank chunks vary fastest so programs that read the same X block run together.
+    """
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    s = tl.program_id(2)
+    start = tl.load(SEG_START + s)
+    count = tl.load(SEG_COUNT + s)
+    lanes, is_s, is_m, row, scale = rank_chunk(s, pid_r * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+                                               ACC)
+    if NEED_VAL:
+        if pid_n == 0:
+            dv = tl.zeros([RC], dtype=ACC)
+            for m0 in range(0, count, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                pos = (start + offs_m).to(tl.int64)
+                mask = (offs_m < count)[:, None] & is_m[None, :]
+                g = tl.load(DS + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
+                h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
+                dv += tl.sum(g * h, axis=0)
+            tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=is_m)
+    if NEED_GRAD:
+        if pid_n < nblk_a:
+            rank_grad_block(DS, XA, PA, s, pid_n, lanes, scale, start, count, TOK, DA, R,
+                            stride_g, stride_xa, stride_pa, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+        else:
+            rank_grad_block(U, XB, PB, s, pid_n - nblk_a, lanes, scale, start, count, TOK, DB, R,
+                            stride_g, stride_xb, stride_pb, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+
+
+@triton.jit
+def sum_rows(P, SRC, start, count, offs_n, mask_n, stride_p, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    acc = tl.zeros([BLOCK_N], dtype=ACC)
+    for c in range(0, count):
+        src = tl.load(SRC + start + c).to(tl.int64)
+        acc += tl.load(P + src * stride_p + offs_n, mask=mask_n, other=0.0)
+    return acc
+
+
+@triton.jit
+def rows_reduce_kernel(
+    PA, PB, AM, BM, AS, BS, SRC, STARTS, COUNTS,
+    row0, n, nblk_a, DA, DB,
+    stride_pa, stride_pb, stride_am, stride_bm, stride_as, stride_bs,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Output row j = row0 + program_id(0) (pool row j < n, shared row j - n otherwise) of dA and dB:
+    Σ_c P[SRC[STARTS[j] + c]] for c < COUNTS[j], summed in a fixed order and stored in the output dtype.
+
+    PA ACC [B·R, DA], PB ACC [B·R, DB] per-sample partial rows; AM [n, DA], BM [n, DB], AS [n_s, DA],
+    BS [n_s, DB] the final gradients; SRC int32: partial rows grouped by output row; rows nobody trained (frozen,
+    unchosen) have COUNTS = 0 and get exact zeros. Grid: (rows, cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N)).
+    """
+    j = row0 + tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start = tl.load(STARTS + j)
+    count = tl.load(COUNTS + j)
+    if pid_n < nblk_a:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < DA
+        acc = sum_rows(PA, SRC, start, count, offs_n, mask_n, stride_pa, BLOCK_N, ACC)
+        if j < n:
+            tl.store(AM + j.to(tl.int64) * stride_am + offs_n, acc.to(AM.dtype.element_ty), mask=mask_n)
+        else:
+            tl.store(AS + (j - n).to(tl.int64) * stride_as + offs_n, acc.to(AS.dtype.element_ty), mask=mask_n)
+    else:
+        offs_n = (pid_n - nblk_a) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < DB
+        acc = sum_rows(PB, SRC, start, count, offs_n, mask_n, stride_pb, BLOCK_N, ACC)
+        if j < n:
+            tl.store(BM + j.to(tl.int64) * stride_bm + offs_n, acc.to(BM.dtype.element_ty), mask=mask_n)
+        else:
+            tl.store(BS + (j - n).to(tl.int64) * stride_bs + offs_n, acc.to(BS.dtype.element_ty), mask=mask_n)

@@ -91,7 +91,7 @@ def shrink_kernel(
     pid_k = tl.program_id(2)
     s, pos, tok, mask_m, live = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
     if live:
-        lanes, is_s, is_m, row, scale = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, ACC)
+        lanes, is_s, is_m, row, _ = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, ACC)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
         acc = tl.zeros([BLOCK_M, RC], dtype=ACC)
@@ -216,7 +216,7 @@ def rank_grad_kernel(
     s = tl.program_id(2)
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
-    lanes, is_s, is_m, row, scale = rank_chunk(s, pid_r * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+    lanes, _, is_m, _, scale = rank_chunk(s, pid_r * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
                                                ACC)
     if NEED_VAL:
         if pid_n == 0:

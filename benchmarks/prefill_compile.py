@@ -58,8 +58,21 @@ def ptxas_stats(ptx: str) -> tuple[int, int, int]:
     return regs, spill, 0
 
 
+# What the JIT specializes at a real launch at the target point: ints equal to 1 become constants, pointers and
+# ints divisible by 16 carry that hint (strides and model dims are multiples of 16 there; counts are not).
+NOT_DIV16 = {"R", "n_s", "r", "nblk_a", "splits", "row0", "n", "numel", "stride_idx", "stride_dval", "stride_u",
+             "stride_g"}
+
+
+def attrs_of(fn, constexprs: dict) -> dict:
+    sig = signature(fn, constexprs)
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if sig[name] != "constexpr" and sig[name] not in ("fp32",) and name not in NOT_DIV16}
+
+
 def compile_one(fn, constexprs: dict, warps: int, stages: int):
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
+                    attrs=attrs_of(fn, constexprs))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     regs, spill, _ = ptxas_stats(k.asm["ptx"])
     return regs, spill, int(k.metadata.shared)
@@ -81,9 +94,10 @@ def main() -> None:
     gemm = [(cfg["gemm"], True)] + ([(C(128, 64, 4, 3), False), (C(256, 64, 8, 3), False), (C(128, 64, 8, 4), False),
                                        (C(256, 64, 8, 4), False), (C(128, 128, 8, 3), False)] if a.extra else [])
     for c, kept in gemm:
-        add(f"kext_gemm BN={c.block_n} BK={c.block_k}", K.kext_gemm_kernel,
-            dict(HAS_BIAS=True, SORTED=True, BLOCK_M=128, BLOCK_N=c.block_n, BLOCK_K=c.block_k, RC=rc, ACC=f32), c,
-            kept)
+        for tag, unit in (("y", "stride_wk"), ("dX", "stride_wn")):
+            add(f"kext_gemm[{tag}] BN={c.block_n} BK={c.block_k}", K.kext_gemm_kernel,
+                dict(HAS_BIAS=tag == "y", SORTED=True, BLOCK_M=128, BLOCK_N=c.block_n, BLOCK_K=c.block_k, RC=rc,
+                     ACC=f32, **{unit: 1}), c, kept)
     shrink = [(cfg["shrink"], True)] + ([(C(0, 128, 4, 3), False), (C(0, 64, 8, 4), False), (C(0, 128, 8, 3), False)]
                                         if a.extra else [])
     for c, kept in shrink:

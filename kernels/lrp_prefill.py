@@ -196,10 +196,11 @@ def rank_grad_block(
 
 @triton.jit
 def rank_grad_kernel(
-    DS, U, XA, XB, PA, PB, DVAL, IDX, VAL, TOK, SEG_START, SEG_COUNT,
+    DS, U, XA, XB, PA, PB, DVAL, IDX, VAL, TRAIN, TOK, SEG_START, SEG_COUNT,
     DA, DB, R, n_s, r, nblk_a,
     stride_g, stride_xa, stride_xb, stride_pa, stride_pb, stride_dval, stride_idx,
     beta_m, beta_s,
+    NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr, HAS_TRAIN: tl.constexpr,
     NEED_GRAD: tl.constexpr, NEED_VAL: tl.constexpr, SORTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -208,6 +209,8 @@ def rank_grad_kernel(
     DS, U ACC [T, R] (sorted order; dS = dY·B_effᵀ and u = x·A_effᵀ, both unscaled); XA = x [T, DA], XB = dY
     [T, DB] (token order); PA ACC [B·R, DA] ← (scale ⊙ dS)ᵀ·x, PB ACC [B·R, DB] ← (scale ⊙ u)ᵀ·dY (per-sample
     partial rows); DVAL [B, r] ← beta_m · Σ_t dS ⊙ u (pool lanes, by the programs of column block 0).
+    TRAIN int8 [n] (HAS_TRAIN): a rank chunk whose lanes are all frozen or unwanted pool rows (and no wanted
+    shared row) does no gradient work: its partial rows are never read by the reduction.
     Grid: (cdiv(R, RC), cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N), B) or, without NEED_GRAD, (cdiv(R, RC), 1, B);
     rank chunks vary fastest so programs that read the same X block run together.
     """
@@ -216,7 +219,7 @@ def rank_grad_kernel(
     s = tl.program_id(2)
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
-    lanes, _, is_m, _, scale = rank_chunk(s, pid_r * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+    lanes, is_s, is_m, row, scale = rank_chunk(s, pid_r * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
                                                ACC)
     if NEED_VAL:
         if pid_n == 0:
@@ -229,13 +232,22 @@ def rank_grad_kernel(
                 h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
                 dv += tl.sum(g * h, axis=0)
             tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=is_m)
-    if NEED_GRAD:
-        if pid_n < nblk_a:
-            rank_grad_block(DS, XA, PA, s, pid_n, lanes, scale, start, count, TOK, DA, R,
-                            stride_g, stride_xa, stride_pa, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+    keep = lanes < 0
+    if NEED_POOL:
+        if HAS_TRAIN:
+            keep = is_m & (tl.load(TRAIN + row, mask=is_m, other=0) != 0)
         else:
-            rank_grad_block(U, XB, PB, s, pid_n - nblk_a, lanes, scale, start, count, TOK, DB, R,
-                            stride_g, stride_xb, stride_pb, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+            keep = is_m
+    if NEED_SHARED:
+        keep = keep | is_s
+    if NEED_GRAD:
+        if tl.max(keep.to(tl.int32), axis=0) > 0:
+            if pid_n < nblk_a:
+                rank_grad_block(DS, XA, PA, s, pid_n, lanes, scale, start, count, TOK, DA, R,
+                                stride_g, stride_xa, stride_pa, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+            else:
+                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, lanes, scale, start, count, TOK, DB, R,
+                                stride_g, stride_xb, stride_pb, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
 
 
 @triton.jit

@@ -4,6 +4,8 @@ CPU runs through TRITON_INTERPRET=1 in float32 and float64; shapes stay small so
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from lrp_cases import GRAD_NAMES, make_case
@@ -129,6 +131,22 @@ def test_deterministic_bit_identical():
     assert torch.equal(y1, y2)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), f"grad {name} differs between two runs"
+
+
+def test_frozen_rank_chunk_does_no_gradient_work():
+    # R = 8 + 32 runs as three chunks of 16; freezing the pool rows of sample 0's last chunk (ranks 32..39 = its
+    # experts 24..31) skips those programs
+    c = make_case(B=2, L=64, d_in=32, d_out=48, n=48, r=32, n_s=8, soft=True, device=DEVICE, seed=4)
+    assert prefill.rank_chunk(40) == 16
+    with WorkCounter() as before:
+        _prefill(c)
+    trainable = torch.ones(48, dtype=torch.bool, device=DEVICE)
+    trainable[c.idx[0, 24:].long()] = False
+    frozen = replace(c, trainable=trainable)
+    with WorkCounter() as after:
+        _prefill(frozen)
+    assert after.work.flops < before.work.flops
+    _check(frozen, atol=1e-4, rtol=1e-4)
 
 
 def test_rank_chunk_wastes_least():

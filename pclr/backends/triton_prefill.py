@@ -261,12 +261,14 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
     pa = torch.empty((B * R, d_in), dtype=acc_t, device=x.device) if need_grad else dS
     pb = torch.empty((B * R, d_out), dtype=acc_t, device=x.device) if need_grad else dS
     tok = tiles.tok if tiles.tok is not None else tiles.seg_start
+    train = None if trainable is None or out_pool is None else trainable.to(torch.int8)
     grid = (-(-R // rc), nblk_a + nblk_b if need_grad else 1, B)
     kernels.rank_grad_kernel[grid](
-        dS, u, x, grad, pa, pb, dval if dval is not None else dS, idx, val, tok, tiles.seg_start, tiles.seg_count,
-        d_in, d_out, R, n_s, r, nblk_a,
+        dS, u, x, grad, pa, pb, dval if dval is not None else dS, idx, val, train if train is not None else idx, tok,
+        tiles.seg_start, tiles.seg_count, d_in, d_out, R, n_s, r, nblk_a,
         dS.stride(0), x.stride(0), grad.stride(0), pa.stride(0), pb.stride(0),
         dval.stride(0) if dval is not None else 0, idx.stride(0), float(beta_m), float(beta_s),
+        NEED_POOL=out_pool is not None, NEED_SHARED=out_shared is not None, HAS_TRAIN=train is not None,
         NEED_GRAD=need_grad, NEED_VAL=need_val, SORTED=tiles.tok is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=cfg.block_n, RC=rc, ACC=acc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

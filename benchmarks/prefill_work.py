@@ -3,7 +3,9 @@
     TRITON_INTERPRET=1 python benchmarks/prefill_work.py [--d 1024] [--T 1024] [--which new,fused,epilogue,split]
 
 ``new``: the floor-shaped path (pclr.backends.triton_prefill); the others: the Triton backend's forward variants
-through ``pclr.lrp_linear`` (their backward is the backend's one). Prints one JSON line per path.
+through ``pclr.lrp_linear`` (their backward is the backend's one). Prints one JSON line per path. Torch matmuls
+inside pclr's custom ops (the epilogue variant's cuBLAS base, its dX = dY·W) are not in ``*_flops``: add
+2·T·d_in·d_out for each.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from work_counter import WorkCounter  # noqa: E402
 
 import pclr  # noqa: E402
 from pclr.backends import triton_prefill  # noqa: E402
+from pclr.backends.triton import tile_block_m  # noqa: E402
 
 
 def main() -> None:
@@ -44,6 +47,10 @@ def main() -> None:
     idx = torch.stack([torch.randperm(n)[:r] for _ in range(B)]).int()
     val = torch.rand(B, r) + 0.5
     gy = torch.randn(T, d)
+    # per-batch metadata (tile map) and the per-route reduction plan are built once and shared by every linear of
+    # a layer / forward: build them outside the counted region
+    triton_prefill.segment_map(sot, B, 0, tile_block_m(T, B))
+    triton_prefill.reduce_plan(idx, None, n, ns, R, True, True)
     fwd_floor = 2 * T * d * d + 2 * T * R * (d + d)
     fb_floor = 4 * T * d * d + 6 * T * R * (d + d)
     for which in a.which.split(","):

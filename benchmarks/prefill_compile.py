@@ -60,8 +60,8 @@ def ptxas_stats(ptx: str) -> tuple[int, int, int]:
 
 # What the JIT specializes at a real launch at the target point: ints equal to 1 become constants, pointers and
 # ints divisible by 16 carry that hint (strides and model dims are multiples of 16 there; counts are not).
-NOT_DIV16 = {"R", "n_s", "r", "nblk_a", "splits", "row0", "n", "numel", "stride_idx", "stride_dval", "stride_u",
-             "stride_g"}
+NOT_DIV16 = {"num_tiles", "R", "n_s", "r", "nblk_a", "splits", "row0", "n", "numel", "stride_idx", "stride_dval",
+             "stride_u", "stride_g"}
 
 
 def attrs_of(fn, constexprs: dict) -> dict:
@@ -96,7 +96,8 @@ def main() -> None:
     for c, kept in gemm:
         for tag, unit in (("y", "stride_wk"), ("dX", "stride_wn")):
             add(f"kext_gemm[{tag}] BN={c.block_n} BK={c.block_k}", K.kext_gemm_kernel,
-                dict(HAS_BIAS=tag == "y", SORTED=True, BLOCK_M=128, BLOCK_N=c.block_n, BLOCK_K=c.block_k, RC=rc,
+                dict(HAS_BIAS=tag == "y", SORTED=True, GROUP_M=triton_prefill.GROUP_M, BLOCK_M=128,
+                     BLOCK_N=c.block_n, BLOCK_K=c.block_k, RC=rc,
                      ACC=f32, **{unit: 1}), c, kept)
     shrink = [(cfg["shrink"], True)] + ([(C(0, 128, 4, 3), False), (C(0, 64, 8, 4), False), (C(0, 128, 8, 3), False)]
                                         if a.extra else [])

@@ -123,10 +123,10 @@ def split_sum_kernel(P, U, numel, splits, stride_split, BLOCK: tl.constexpr, ACC
 @triton.jit
 def kext_gemm_kernel(
     X, W, BIAS, OUT, U, US, UM, IDX, VAL, TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    K, N, R, n_s, r,
+    num_tiles, K, N, R, n_s, r,
     stride_x, stride_wn, stride_wk, stride_out, stride_u, stride_up, stride_idx,
     beta_m, beta_s,
-    HAS_BIAS: tl.constexpr, SORTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SORTED: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
 ):
     """OUT[tok, n-tile] = [X | scale ⊙ U]·[W | Up_eff]ᵀ + bias for one tile of tokens of one sample.
@@ -134,10 +134,16 @@ def kext_gemm_kernel(
     X [T, K]; W viewed [N, K] through (stride_wn, stride_wk); OUT [T, N] (token order); U ACC [T, R] (sorted
     order, unscaled); US [n_s, N], UM [n, N] (row stride ``stride_up``); IDX int32 [B, r]; VAL [B, r].
     The low-rank term is ceil(R / RC) more K iterations of the same accumulator (K extended by R).
-    Grid: (tile slots, cdiv(N, BLOCK_N)).
+    Grid: (num_tiles · cdiv(N, BLOCK_N),), walked in groups of GROUP_M token tiles so that programs running
+    together share their X tiles and W tiles in L2.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group = tl.minimum(num_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group
+    pid_n = (pid % in_group) // group
     s, pos, tok, mask_m, live = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
     if live:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -167,6 +167,8 @@ def test_padded_tile_map_built_once_per_shape():
     b = a.clone()  # a fresh sample_of_token per call (what a 3-D x gets) must still hit
     assert prefill.segment_map(a, 3, 70, 64) is prefill.segment_map(b, 3, 70, 64)
     assert prefill.segment_map(a, 3, 70, 64).tok is None  # padded: no sort
+    sot = prefill.padded_sample_of_token(3, 70, a.device)
+    assert sot is prefill.padded_sample_of_token(3, 70, a.device) and torch.equal(sot, a)
 
 
 def test_executed_flops_at_the_floor():

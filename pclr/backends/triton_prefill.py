@@ -39,6 +39,7 @@ except Exception as exc:  # an absent or broken triton is a reason, never an imp
     _IMPORT_ERROR = f"triton is not importable: {type(exc).__name__}: {exc}"
 
 DEFAULT_SMS = 132  # H100 / H200: the machine the interpreter's split decisions imitate
+GROUP_M = 8  # token tiles per group of the GEMM's tile walk (L2 reuse of X and W tiles)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,6 +127,23 @@ def segment_map(sot: Tensor, num_samples: int, padded_len: int, block_m: int) ->
             _PADDED_MAPS.clear()
         _PADDED_MAPS[key] = tiles
     return tiles
+
+
+_PADDED_SOT: dict = {}
+
+
+def padded_sample_of_token(num_samples: int, padded_len: int, device: torch.device) -> Tensor:
+    """int32 [B·L] = arange(B).repeat_interleave(L), one tensor per (B, L, device): a padded x [B, L, d] gets the
+    same ``sample_of_token`` object on every linear call (no per-call allocation, and identity caches keep hitting)."""
+    key = (num_samples, padded_len, torch.device(device))
+    hit = _PADDED_SOT.get(key)
+    if hit is None:
+        hit = torch.arange(num_samples, device=device, dtype=torch.int32).repeat_interleave(padded_len)
+        if not (hit.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(_PADDED_SOT) >= 16:
+                _PADDED_SOT.clear()
+            _PADDED_SOT[key] = hit
+    return hit
 
 
 _TARGETS: dict = {}
@@ -228,13 +246,13 @@ def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, in
     if tiles.num_tiles == 0:
         return
     cfg = config("gemm")
-    grid = (tiles.num_tiles, triton.cdiv(N, cfg.block_n))
+    grid = (tiles.num_tiles * triton.cdiv(N, cfg.block_n),)
     kernels.kext_gemm_kernel[grid](
         X, W, bias if bias is not None else out, out, U, _rows(Us, Um), Um, idx, val, *_tile_args(tiles),
-        K, N, R, n_s, idx.shape[1],
+        tiles.num_tiles, K, N, R, n_s, idx.shape[1],
         X.stride(0), w_strides[0], w_strides[1], out.stride(0), U.stride(0), Um.stride(0), idx.stride(0),
         float(beta_m), float(beta_s),
-        HAS_BIAS=bias is not None, SORTED=tiles.tok is not None,
+        HAS_BIAS=bias is not None, SORTED=tiles.tok is not None, GROUP_M=GROUP_M,
         BLOCK_M=tiles.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RC=rank_chunk(R), ACC=_acc(X.dtype)[1],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

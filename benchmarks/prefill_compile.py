@@ -45,7 +45,7 @@ def signature(fn, constexprs: dict) -> dict:
     return sig
 
 
-def ptxas_stats(ptx: str) -> tuple[int, int, int]:
+def ptxas_stats(ptx: str) -> tuple[int, int]:
     ptxas = get_ptxas(90).path  # the ptxas Triton itself runs for sm_90 (it matches the PTX version it emits)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
@@ -55,7 +55,7 @@ def ptxas_stats(ptx: str) -> tuple[int, int, int]:
                              capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     spill = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return regs, spill, 0
+    return regs, spill
 
 
 # What the JIT specializes at a real launch at the target point: ints equal to 1 become constants, pointers and
@@ -74,25 +74,23 @@ def compile_one(fn, constexprs: dict, warps: int, stages: int):
     src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs,
                     attrs=attrs_of(fn, constexprs))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    regs, spill, _ = ptxas_stats(k.asm["ptx"])
+    regs, spill = ptxas_stats(k.asm["ptx"])
     return regs, spill, int(k.metadata.shared)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--extra", action="store_true")
-    a = ap.parse_args()
+def cases(extra: bool) -> list:
+    """(name, kernel, constexprs, num_warps, num_stages, kept) for every kept config (and the others if extra)."""
     f32 = tl.float32
     cfg = triton_prefill._GPU_CONFIGS
     rc = triton_prefill.rank_chunk(96)
-    cases = []
+    out = []
 
     def add(name, fn, cx, c, kept):
-        cases.append((name, fn, cx, c.num_warps, c.num_stages, kept))
+        out.append((name, fn, cx, c.num_warps, c.num_stages, kept))
 
     C = triton_prefill.KernelConfig
     gemm = [(cfg["gemm"], True)] + ([(C(128, 64, 4, 3), False), (C(256, 64, 8, 3), False), (C(128, 64, 8, 4), False),
-                                       (C(256, 64, 8, 4), False), (C(128, 128, 8, 3), False)] if a.extra else [])
+                                       (C(256, 64, 8, 4), False), (C(128, 128, 8, 3), False)] if extra else [])
     for c, kept in gemm:
         for tag, unit in (("y", "stride_wk"), ("dX", "stride_wn")):
             add(f"kext_gemm[{tag}] BN={c.block_n} BK={c.block_k}", K.kext_gemm_kernel,
@@ -100,12 +98,12 @@ def main() -> None:
                      BLOCK_N=c.block_n, BLOCK_K=c.block_k, RC=rc,
                      ACC=f32, **{unit: 1}), c, kept)
     shrink = [(cfg["shrink"], True)] + ([(C(0, 128, 4, 3), False), (C(0, 64, 8, 4), False), (C(0, 128, 8, 3), False)]
-                                        if a.extra else [])
+                                        if extra else [])
     for c, kept in shrink:
         add(f"shrink BK={c.block_k}", K.shrink_kernel,
             dict(SORTED=True, BLOCK_M=128, RC=rc, BLOCK_K=c.block_k, ACC=f32), c, kept)
     grad = [(cfg["grad"], True)] + ([(C(256, 0, 4, 2), False), (C(128, 0, 8, 3), False), (C(64, 0, 4, 3), False)]
-                                    if a.extra else [])
+                                    if extra else [])
     for c, kept in grad:
         add(f"rank_grad BN={c.block_n}", K.rank_grad_kernel,
             dict(NEED_GRAD=True, NEED_VAL=True, SORTED=True, BLOCK_M=128, BLOCK_N=c.block_n, RC=rc, ACC=f32), c,
@@ -114,10 +112,23 @@ def main() -> None:
     add(f"rows_reduce BN={c.block_n}", K.rows_reduce_kernel, dict(BLOCK_N=c.block_n, ACC=f32), c, True)
     c = cfg["split_sum"]
     add(f"split_sum BLOCK={c.block_n}", K.split_sum_kernel, dict(BLOCK=c.block_n, ACC=f32), c, True)
+    return out
+
+
+def kept_stats() -> list[tuple[str, int, int, int]]:
+    """(name, registers, spill bytes, shared memory bytes) of every kept config."""
+    return [(name, *compile_one(fn, cx, w, st)) for name, fn, cx, w, st, kept in cases(False) if kept]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--extra", action="store_true")
+    a = ap.parse_args()
+    rc = triton_prefill.rank_chunk(96)
     print(f"triton {triton.__version__}, sm_90a, bf16, BLOCK_M=128, RC={rc}")
     print("| kernel (config) | warps | stages | regs | spill bytes | shared mem (B) | kept |")
     print("|---|---|---|---|---|---|---|")
-    for name, fn, cx, w, st, kept in cases:
+    for name, fn, cx, w, st, kept in cases(a.extra):
         try:
             regs, spill, smem = compile_one(fn, cx, w, st)
             print(f"| {name} | {w} | {st} | {regs} | {spill} | {smem} | {'yes' if kept else 'no'} |", flush=True)

@@ -115,6 +115,15 @@ def test_subsets_of_gradients():
                 torch.testing.assert_close(g[name], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_saved_like_matches_saved():
+    c = make_case(lens=[5, 0, 12], d_in=17, d_out=9, n=7, r=3, n_s=2, device=DEVICE)
+    x, sot, padded_len = _packed(c)
+    _, saved = prefill.prefill_forward(x, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, c.A_s, c.B_s, sot, None,
+                                       c.beta_m, c.beta_s, padded_len, True)
+    like = prefill.prefill_saved_like(x, c.idx, c.A_s)
+    assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in like]
+
+
 def test_no_tokens_and_no_ranks():
     c = make_case(lens=[0, 0], d_in=8, d_out=8, device=DEVICE)
     y, g = _prefill(c)

@@ -19,6 +19,7 @@ forward 2·T·d_in·d_out + 2·T·R·(d_in + d_out), forward + backward 4·T·d_
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -317,8 +318,8 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
 def prefill_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, idx: Tensor,
                     val: Tensor, A_s: Optional[Tensor], B_s: Optional[Tensor], sot: Tensor,
                     trainable: Optional[Tensor], beta_m: float, beta_s: float, padded_len: int,
-                    deterministic: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """(y [T, d_out], saved) with saved = (u,), u ACC [T, R] = x·A_effᵀ unscaled in sorted token order.
+                    deterministic: bool) -> tuple[Tensor, list[Tensor]]:
+    """(y [T, d_out], saved) with saved = [u], u ACC [T, R] = x·A_effᵀ unscaled in sorted token order.
 
     x [T, d_in]; weight [d_out, d_in]; see :class:`pclr.dispatch.LinearInputs`. Always deterministic.
     """
@@ -329,22 +330,28 @@ def prefill_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tens
     R = n_s + r
     bias = None if bias is None else bias.contiguous()
     if T == 0 or B == 0 or R == 0:
-        return F.linear(x, weight, bias), (x.new_empty((0, R), dtype=_acc(x.dtype)[0]),)
+        return F.linear(x, weight, bias), prefill_saved_like(x, idx, A_s)
     tiles = segment_map(sot, B, padded_len, tile_block_m(T, B))
     u = launch_shrink(x, A_s, A_m, idx, tiles, R)
     y = torch.empty((T, d_out), dtype=x.dtype, device=x.device)
     launch_kext_gemm(y, x, weight, (weight.stride(0), weight.stride(1)), bias, u, B_s, B_m, idx, val, beta_m,
                      beta_s, tiles)
-    return y, (u,)
+    return y, [u]
+
+
+def prefill_saved_like(x: Tensor, idx: Tensor, A_s: Optional[Tensor]) -> list[Tensor]:
+    """Uninitialised tensors shaped like :func:`prefill_forward`'s ``saved`` (for fake / meta implementations)."""
+    R = idx.shape[1] + (0 if A_s is None else A_s.shape[0])
+    return [x.new_empty((x.shape[0], R), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)]
 
 
 def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor,
                      A_s: Optional[Tensor], B_s: Optional[Tensor], sot: Tensor, trainable: Optional[Tensor],
                      beta_m: float, beta_s: float, padded_len: int, deterministic: bool,
-                     saved: tuple[Tensor, ...], needs: tuple[bool, bool, bool, bool]):
+                     saved: Sequence[Tensor], needs: tuple[bool, bool, bool, bool]):
     """(dx, dA_m, dB_m, dval, dA_s, dB_s), each None when not in ``needs`` = (x, pool, val, shared).
 
-    grad [T, d_out]; ``saved`` = the forward's (u,). Deterministic whatever ``deterministic`` says.
+    grad [T, d_out]; ``saved`` = the forward's [u]. Deterministic whatever ``deterministic`` says.
     """
     need_x, need_pool, need_val, need_shared = needs
     T = x.shape[0]
@@ -365,7 +372,7 @@ def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: 
             dA_s, dB_s = torch.zeros_like(A_s), torch.zeros_like(B_s)
         return dx, dA_m, dB_m, dval, dA_s, dB_s
     if not saved or saved[0].shape != (T, R):
-        raise ValueError(f"saved must be the forward's (u,) with u [T={T}, R={R}]; got "
+        raise ValueError(f"saved must be the forward's [u] with u [T={T}, R={R}]; got "
                          f"{[tuple(t.shape) for t in saved] if saved else saved}")
     u = saved[0]
     grad = grad.contiguous()

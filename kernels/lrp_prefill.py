@@ -102,7 +102,7 @@ def shrink_kernel(
                         other=0.0)
             d = gather_rows_t(DS, DM, lanes, row, is_s, is_m, stride_d, offs_k, mask_k)
             acc = tl.dot(x, d, acc=acc, input_precision="ieee")
-        ptrs = U + pid_k * stride_split + pos[:, None].to(tl.int64) * stride_u + lanes[None, :]
+        ptrs = U + pid_k.to(tl.int64) * stride_split + pos[:, None].to(tl.int64) * stride_u + lanes[None, :]
         tl.store(ptrs, acc, mask=mask_m[:, None] & (lanes < R)[None, :])
 
 
@@ -115,8 +115,10 @@ def split_sum_kernel(P, U, numel, splits, stride_split, BLOCK: tl.constexpr, ACC
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros([BLOCK], dtype=ACC)
-    for j in range(0, splits):
-        acc += tl.load(P + j * stride_split + offs, mask=mask, other=0.0)
+    ptrs = P + offs
+    for _ in range(0, splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride_split  # 64-bit pointer steps: splits · stride_split may exceed int32
     tl.store(U + offs, acc, mask=mask)
 
 

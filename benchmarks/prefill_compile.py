@@ -102,11 +102,12 @@ def cases(extra: bool) -> list:
     for c, kept in shrink:
         add(f"shrink BK={c.block_k}", K.shrink_kernel,
             dict(SORTED=True, BLOCK_M=128, RC=rc, BLOCK_K=c.block_k, ACC=f32), c, kept)
-    grad = [(cfg["grad"], True)] + ([(C(256, 0, 4, 2), False), (C(128, 0, 8, 3), False), (C(64, 0, 4, 3), False)]
+    grad = [(cfg["grad"], True)] + ([(C(128, 0, 4, 2), False), (C(256, 0, 8, 2), False), (C(64, 0, 4, 3), False)]
                                     if extra else [])
     for c, kept in grad:
         add(f"rank_grad BN={c.block_n}", K.rank_grad_kernel,
-            dict(NEED_GRAD=True, NEED_VAL=True, SORTED=True, BLOCK_M=128, BLOCK_N=c.block_n, RC=rc, ACC=f32), c,
+            dict(NEED_POOL=True, NEED_SHARED=True, HAS_TRAIN=True, NEED_GRAD=True, NEED_VAL=True, SORTED=True,
+                 BLOCK_M=128, BLOCK_N=c.block_n, RC=rc, NUM_RC=3, ACC=f32), c,
             kept)
     c = cfg["reduce"]
     add(f"rows_reduce BN={c.block_n}", K.rows_reduce_kernel, dict(BLOCK_N=c.block_n, ACC=f32), c, True)

@@ -14,7 +14,8 @@ so y is written once. Backward with u = U kept from the forward::
 
     dS      = dY·B_effᵀ                                    (shrink_kernel, X = dY, Down = B)
     dX      = dY·W + (scale ⊙ dS)·A_eff                    (kext_gemm_kernel, X = dY, W strides swapped, U = dS)
-    dA_eff  = (scale ⊙ dS)ᵀ·x,  dB_eff = (scale ⊙ u)ᵀ·dY    (rank_grad_kernel, one launch for both)
+    dA_eff  = (scale ⊙ dS)ᵀ·x,  dB_eff = (scale ⊙ u)ᵀ·dY    (rank_grad_kernel, one launch for both; each x / dY
+                                                            tile feeds up to 4 rank chunks)
     dval    = beta_m · Σ_t dS ⊙ u  over the pool lanes      (rank_grad_kernel, programs of the first column block)
 
 dA_eff / dB_eff are per-sample partial rows; :func:`rows_reduce_kernel` sums them into pool and shared rows in a
@@ -174,17 +175,40 @@ def kext_gemm_kernel(
 
 
 @triton.jit
+def scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R, stride_g,
+                     RC: tl.constexpr, ACC: tl.constexpr):
+    """(scale ⊙ G)[pos, r0 .. r0 + RC] in ACC ([BLOCK_M, RC]; lanes ≥ R are 0) and the lanes."""
+    lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC, ACC)
+    g = tl.load(G + pos[:, None].to(tl.int64) * stride_g + lanes[None, :],
+                mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
+    return g * scale[None, :], lanes
+
+
+@triton.jit
+def store_partial(P, acc, s, lanes, R, offs_n, mask_n, stride_p):
+    prow = (s * R + lanes).to(tl.int64)
+    tl.store(P + prow[None, :] * stride_p + offs_n[:, None], acc, mask=(lanes < R)[None, :] & mask_n[:, None])
+
+
+@triton.jit
 def rank_grad_block(
-    G, X, P, s, pid_n, lanes, scale, start, count, TOK, D, R,
+    G, X, P, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, D, R,
     stride_g, stride_x, stride_p,
-    SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
+    SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
+    NUM_RC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """P[s·R + lanes, n-block] = Σ_{t in sample s} (scale ⊙ G[t, lanes])ᵀ·X[t, n-block], accumulated as its
-    transpose [BLOCK_N, RC] so the MMA's M dimension is the wide column block, not the few ranks."""
+    """P[s·R + k, n-block] = Σ_{t in sample s} (scale ⊙ G)[t, k]·X[t, n-block] for the NUM_RC rank chunks from r0.
+
+    Each X tile is loaded once and feeds NUM_RC MMAs (one accumulator per chunk: R = 96 is three chunks of 32,
+    never a padded 128). Accumulated transposed, [BLOCK_N, RC], so the MMA's M dimension is the wide column
+    block, not the few ranks.
+    """
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
-    mask_r = lanes < R
-    acc = tl.zeros([BLOCK_N, RC], dtype=ACC)
+    acc0 = tl.zeros([BLOCK_N, RC], dtype=ACC)
+    acc1 = tl.zeros([BLOCK_N, RC], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_N, RC], dtype=ACC)
+    acc3 = tl.zeros([BLOCK_N, RC], dtype=ACC)
     for m0 in range(0, count, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < count
@@ -193,13 +217,47 @@ def rank_grad_block(
             tok = tl.load(TOK + pos, mask=mask_m, other=0).to(tl.int64)
         else:
             tok = pos.to(tl.int64)
-        g = tl.load(G + pos[:, None].to(tl.int64) * stride_g + lanes[None, :],
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         x = tl.load(X + tok[:, None] * stride_x + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
                     other=0.0)
-        acc = tl.dot(tl.trans(x), (g * scale[None, :]).to(x.dtype), acc=acc, input_precision="ieee")
-    prow = (s * R + lanes).to(tl.int64)
-    tl.store(P + prow[None, :] * stride_p + offs_n[:, None], acc, mask=mask_r[None, :] & mask_n[:, None])
+        xt = tl.trans(x)
+        g, _ = scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R,
+                                stride_g, RC, ACC)
+        acc0 = tl.dot(xt, g.to(x.dtype), acc=acc0, input_precision="ieee")
+        if NUM_RC > 1:
+            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R,
+                                    stride_g, RC, ACC)
+            acc1 = tl.dot(xt, g.to(x.dtype), acc=acc1, input_precision="ieee")
+        if NUM_RC > 2:
+            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 2 * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+                                    R, stride_g, RC, ACC)
+            acc2 = tl.dot(xt, g.to(x.dtype), acc=acc2, input_precision="ieee")
+        if NUM_RC > 3:
+            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 3 * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+                                    R, stride_g, RC, ACC)
+            acc3 = tl.dot(xt, g.to(x.dtype), acc=acc3, input_precision="ieee")
+    store_partial(P, acc0, s, r0 + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
+    if NUM_RC > 1:
+        store_partial(P, acc1, s, r0 + RC + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
+    if NUM_RC > 2:
+        store_partial(P, acc2, s, r0 + 2 * RC + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
+    if NUM_RC > 3:
+        store_partial(P, acc3, s, r0 + 3 * RC + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
+
+
+@triton.jit
+def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr,
+                HAS_TRAIN: tl.constexpr, RC: tl.constexpr):
+    """Number of lanes of ranks r0 .. r0 + RC whose gradient is wanted (trainable pool rows, wanted shared rows)."""
+    lanes, is_s, is_m, row, _ = rank_chunk(s, r0, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, tl.float32)
+    keep = lanes < 0
+    if NEED_POOL:
+        if HAS_TRAIN:
+            keep = is_m & (tl.load(TRAIN + row, mask=is_m, other=0) != 0)
+        else:
+            keep = is_m
+    if NEED_SHARED:
+        keep = keep | is_s
+    return tl.sum(keep.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -210,52 +268,52 @@ def rank_grad_kernel(
     beta_m, beta_s,
     NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr, HAS_TRAIN: tl.constexpr,
     NEED_GRAD: tl.constexpr, NEED_VAL: tl.constexpr, SORTED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr, NUM_RC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-sample rank-row gradients and dval of the backward, one launch.
 
     DS, U ACC [T, R] (sorted order; dS = dY·B_effᵀ and u = x·A_effᵀ, both unscaled); XA = x [T, DA], XB = dY
     [T, DB] (token order); PA ACC [B·R, DA] ← (scale ⊙ dS)ᵀ·x, PB ACC [B·R, DB] ← (scale ⊙ u)ᵀ·dY (per-sample
     partial rows); DVAL [B, r] ← beta_m · Σ_t dS ⊙ u (pool lanes, by the programs of column block 0).
-    TRAIN int8 [n] (HAS_TRAIN): a rank chunk whose lanes are all frozen or unwanted pool rows (and no wanted
-    shared row) does no gradient work: its partial rows are never read by the reduction.
-    Grid: (cdiv(R, RC), cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N), B) or, without NEED_GRAD, (cdiv(R, RC), 1, B);
-    rank chunks vary fastest so programs that read the same X block run together.
+    TRAIN int8 [n] (HAS_TRAIN): a group of rank chunks whose lanes are all frozen or unwanted pool rows (and no
+    wanted shared row) does no gradient work: its partial rows are never read by the reduction.
+    Grid: (cdiv(R, NUM_RC·RC), cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N), B) or, without NEED_GRAD,
+    (cdiv(R, NUM_RC·RC), 1, B).
     """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)
+    r0 = pid_r * (NUM_RC * RC)
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
-    lanes, is_s, is_m, row, scale = rank_chunk(s, pid_r * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
-                                               ACC)
     if NEED_VAL:
         if pid_n == 0:
-            dv = tl.zeros([RC], dtype=ACC)
-            for m0 in range(0, count, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                pos = (start + offs_m).to(tl.int64)
-                mask = (offs_m < count)[:, None] & is_m[None, :]
-                g = tl.load(DS + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
-                h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
-                dv += tl.sum(g * h, axis=0)
-            tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=is_m)
-    keep = lanes < 0
-    if NEED_POOL:
-        if HAS_TRAIN:
-            keep = is_m & (tl.load(TRAIN + row, mask=is_m, other=0) != 0)
-        else:
-            keep = is_m
-    if NEED_SHARED:
-        keep = keep | is_s
+            for c in tl.static_range(NUM_RC):
+                lanes, _, is_m, _, _ = rank_chunk(s, r0 + c * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+                                                  RC, ACC)
+                dv = tl.zeros([RC], dtype=ACC)
+                for m0 in range(0, count, BLOCK_M):
+                    offs_m = m0 + tl.arange(0, BLOCK_M)
+                    pos = (start + offs_m).to(tl.int64)
+                    mask = (offs_m < count)[:, None] & is_m[None, :]
+                    g = tl.load(DS + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
+                    h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
+                    dv += tl.sum(g * h, axis=0)
+                tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=is_m)
     if NEED_GRAD:
-        if tl.max(keep.to(tl.int32), axis=0) > 0:
+        keeps = 0
+        for c in tl.static_range(NUM_RC):
+            keeps += chunk_keeps(s, r0 + c * RC, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL, NEED_SHARED, HAS_TRAIN,
+                                 RC)
+        if keeps > 0:
             if pid_n < nblk_a:
-                rank_grad_block(DS, XA, PA, s, pid_n, lanes, scale, start, count, TOK, DA, R,
-                                stride_g, stride_xa, stride_pa, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+                rank_grad_block(DS, XA, PA, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r,
+                                beta_m, beta_s, DA, R, stride_g, stride_xa, stride_pa,
+                                SORTED, BLOCK_M, BLOCK_N, RC, NUM_RC, ACC)
             else:
-                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, lanes, scale, start, count, TOK, DB, R,
-                                stride_g, stride_xb, stride_pb, SORTED, BLOCK_M, BLOCK_N, RC, ACC)
+                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r,
+                                beta_m, beta_s, DB, R, stride_g, stride_xb, stride_pb,
+                                SORTED, BLOCK_M, BLOCK_N, RC, NUM_RC, ACC)
 
 
 @triton.jit

@@ -86,6 +86,7 @@ CASES = {
                             soft=True),
     "r1_ns0": dict(B=2, L=9, n=6, r=1, n_s=0, d_in=18, d_out=23),
     "R40_chunk16": dict(lens=[70, 30], d_in=24, d_out=40, n=48, r=32, n_s=8, soft=True),
+    "R64_two_chunks": dict(lens=[40, 25], d_in=20, d_out=36, n=70, r=56, n_s=8, frozen=(3, 9), soft=True),
 }
 
 
@@ -143,14 +144,14 @@ def test_deterministic_bit_identical():
 
 
 def test_frozen_rank_chunk_does_no_gradient_work():
-    # R = 8 + 32 runs as three chunks of 16; freezing the pool rows of sample 0's last chunk (ranks 32..39 = its
-    # experts 24..31) skips those programs
-    c = make_case(B=2, L=64, d_in=32, d_out=48, n=48, r=32, n_s=8, soft=True, device=DEVICE, seed=4)
-    assert prefill.rank_chunk(40) == 16
+    # R = 8 + 72 runs as five chunks of 16, grouped 4 + 1 per program; freezing the pool rows of sample 0's last
+    # group (ranks 64..79 = its experts 56..71) skips those programs
+    c = make_case(B=2, L=64, d_in=32, d_out=48, n=80, r=72, n_s=8, soft=True, device=DEVICE, seed=4)
+    assert prefill.rank_chunk(80) == 16 and prefill.MAX_RANK_CHUNKS == 4
     with WorkCounter() as before:
         _prefill(c)
-    trainable = torch.ones(48, dtype=torch.bool, device=DEVICE)
-    trainable[c.idx[0, 24:].long()] = False
+    trainable = torch.ones(80, dtype=torch.bool, device=DEVICE)
+    trainable[c.idx[0, 56:].long()] = False
     frozen = replace(c, trainable=trainable)
     with WorkCounter() as after:
         _prefill(frozen)

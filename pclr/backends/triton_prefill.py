@@ -41,6 +41,7 @@ except Exception as exc:  # an absent or broken triton is a reason, never an imp
 
 DEFAULT_SMS = 132  # H100 / H200: the machine the interpreter's split decisions imitate
 GROUP_M = 8  # token tiles per group of the GEMM's tile walk (L2 reuse of X and W tiles)
+MAX_RANK_CHUNKS = 4  # rank chunks one rank-grad program feeds from each x / dY tile (one accumulator each)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ class KernelConfig:
 _GPU_CONFIGS = {
     "gemm": KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=3),
     "shrink": KernelConfig(block_k=64, num_warps=4, num_stages=3),
-    "grad": KernelConfig(block_n=128, num_warps=4, num_stages=2),
+    "grad": KernelConfig(block_n=128, num_warps=8, num_stages=3),
     "reduce": KernelConfig(block_n=256, num_warps=4, num_stages=1),
     "split_sum": KernelConfig(block_n=1024, num_warps=4, num_stages=1),
 }
@@ -281,7 +282,8 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
     pb = torch.empty((B * R, d_out), dtype=acc_t, device=x.device) if need_grad else dS
     tok = tiles.tok if tiles.tok is not None else tiles.seg_start
     train = None if trainable is None or out_pool is None else trainable.to(torch.int8)
-    grid = (-(-R // rc), nblk_a + nblk_b if need_grad else 1, B)
+    num_rc = min(MAX_RANK_CHUNKS, -(-R // rc))
+    grid = (-(-R // (rc * num_rc)), nblk_a + nblk_b if need_grad else 1, B)
     kernels.rank_grad_kernel[grid](
         dS, u, x, grad, pa, pb, dval if dval is not None else dS, idx, val, train if train is not None else idx, tok,
         tiles.seg_start, tiles.seg_count, d_in, d_out, R, n_s, r, nblk_a,
@@ -289,7 +291,7 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
         dval.stride(0) if dval is not None else 0, idx.stride(0), float(beta_m), float(beta_s),
         NEED_POOL=out_pool is not None, NEED_SHARED=out_shared is not None, HAS_TRAIN=train is not None,
         NEED_GRAD=need_grad, NEED_VAL=need_val, SORTED=tiles.tok is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=cfg.block_n, RC=rc, ACC=acc,
+        BLOCK_M=tiles.block_m, BLOCK_N=cfg.block_n, RC=rc, NUM_RC=num_rc, ACC=acc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if need_grad:

@@ -18,6 +18,10 @@ so y is written once. Backward with u = U kept from the forward::
                                                             tile feeds up to 4 rank chunks)
     dval    = beta_m · Σ_t dS ⊙ u  over the pool lanes      (rank_grad_kernel, programs of the first column block)
 
+dY is read twice (the dS shrink, the dB pass): folding dS into the dB pass would need a partial dS per column
+block of dY (fp32 [d_out / BLOCK_N, T, R], 50 MB at d_out = T = 4096, R = 96), more traffic than a second read of
+dY (32 MB in bf16), and the dS shrink's grid fills the machine on its own.
+
 dA_eff / dB_eff are per-sample partial rows; :func:`rows_reduce_kernel` sums them into pool and shared rows in a
 fixed order (bit-identical across runs) and writes the final dtype directly, zeros on rows nobody trained.
 

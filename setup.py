@@ -14,6 +14,7 @@ PyPI package and must never be shadowed.
 """
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import shutil
@@ -23,8 +24,19 @@ import warnings
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["pclr", "pclr.backends", "pclr.cil", "pclr.data", "pclr.models", "pclr.kernels"]
+PACKAGES = ["pclr", "pclr.backends", "pclr.backends.triton", "pclr.bench", "pclr.cil", "pclr.data", "pclr.models",
+            "pclr.kernels"]
 PACKAGE_DIR = {"pclr": "pclr", "pclr.kernels": "kernels"}
+
+
+def decode_max_tokens() -> int:
+    """pclr.options.DECODE_MAX_TOKENS, read from the source (the build must not import pclr, or torch with it)."""
+    with open(os.path.join(ROOT, "pclr", "options.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DECODE_MAX_TOKENS" for t in node.targets):
+            return int(ast.literal_eval(node.value))
+    raise RuntimeError("pclr/options.py defines no DECODE_MAX_TOKENS")
 
 
 def _flag(name: str) -> bool:
@@ -53,7 +65,7 @@ def _cuda_extension():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except Exception as exc:  # torch absent from the (isolated) build environment
+    except Exception as exc:  # noqa: BLE001  torch absent from the (isolated) build environment
         reason = f"torch is not importable at build time ({exc}); use --no-build-isolation to build pclr._C"
     else:
         if torch.version.cuda is None:
@@ -79,14 +91,16 @@ def _cuda_extension():
     for arch in archs:
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     # No -std flag: torch's BuildExtension picks the C++ standard its headers need (c++17 or c++20).
+    # The decode bound is the Python one, so dispatch and the kernels agree on which calls are decode-sized.
+    decode = f"-DPCLR_DECODE_MAX_TOKENS={decode_max_tokens()}"
     ext = CUDAExtension(
         name="pclr._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": ["-O3", decode],
             # no --use_fast_math: the gate's cosine/top-r and the fp32 path are compared against the reference
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *gencode],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", decode, *gencode],
         },
     )
 

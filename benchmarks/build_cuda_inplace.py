@@ -22,7 +22,8 @@ from pclr.options import DECODE_MAX_TOKENS  # noqa: E402  (needs ROOT on the pat
 def main() -> None:
     archs = [a.strip() for a in os.environ.get("PCLR_CUDA_ARCHS", "90").split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                     + glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
     build_dir = os.path.join(ROOT, "build", "jit")
     os.makedirs(build_dir, exist_ok=True)
     define = f"-DPCLR_DECODE_MAX_TOKENS={DECODE_MAX_TOKENS}"

@@ -1,7 +1,7 @@
 """pytest-benchmark microbenchmarks of every provider on identical inputs: ``pytest benchmarks/ --benchmark-only``.
 
 Not part of the default test run (pyproject's testpaths is ``tests``). On CPU the shapes are small and the numbers
-are a smoke of the code paths, not a performance figure; on a GPU the issue's target point is used.
+are a smoke of the code paths, not a performance figure; on a GPU the target point is used.
 Compare providers with ``--benchmark-group-by=group`` (the default here: one group per mode and shape).
 """
 from __future__ import annotations
@@ -12,15 +12,14 @@ import torch
 from pclr import bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cuda":  # the target point of the triton/cuda issues
-    POINT = dict(dtype="bf16", d_in=4096, d_out=4096, T=4096, B=8, n=256, r=64, n_s=32)
+if DEVICE.type == "cuda":  # the target point of the fused kernels
+    POINT = {"dtype": "bf16", "d_in": 4096, "d_out": 4096, "T": 4096, "B": 8, "n": 256, "r": 64, "n_s": 32}
     DECODE_B, ROUNDS = 8, 50
 else:
-    POINT = dict(dtype="fp32", d_in=128, d_out=128, T=64, B=4, n=32, r=8, n_s=8)
+    POINT = {"dtype": "fp32", "d_in": 128, "d_out": 128, "T": 64, "B": 4, "n": 32, "r": 8, "n_s": 8}
     DECODE_B, ROUNDS = 4, 10
 
 MODES = ("gate", "fwd", "fwdbwd", "decode")
-PROVIDERS = [p for p in bench.PROVIDERS]
 
 
 def _shape(mode: str) -> bench.Shape:
@@ -31,16 +30,17 @@ def _shape(mode: str) -> bench.Shape:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_provider(benchmark, provider: str, mode: str) -> None:
-    why = bench.not_applicable(provider, mode)
+@pytest.mark.parametrize("name", list(bench.PROVIDERS))
+def test_provider(benchmark, name: str, mode: str) -> None:
+    provider = bench.PROVIDERS[name]
+    why = provider.mode_reason(mode) or provider.unavailable()
     if why:
-        pytest.skip(f"{provider} in {mode}: {why}")
+        pytest.skip(f"{name} in {mode}: {why}")
     shape = _shape(mode)
     problem = bench.make_problem(shape, DEVICE)
-    with bench.env_vars(bench.provider_env(provider)):
+    with provider.context():
         try:
-            built = bench.PROVIDERS[provider](problem, {"interpreter": False})
+            built = provider.build(problem, bench.RunOptions())
         except bench.Skip as exc:
             pytest.skip(str(exc))
 
@@ -53,6 +53,6 @@ def test_provider(benchmark, provider: str, mode: str) -> None:
 
         run()  # compile / autotune outside the measurement
         benchmark.group = f"{mode} {shape.dtype} d={shape.d_in} T={shape.T} B={shape.B} n={shape.n} r={shape.r} " \
-                          f"n_s={shape.n_s}" + (" (CPU, not a performance figure)" if DEVICE.type != "cuda" else "")
-        benchmark.extra_info.update(provider=provider, device=bench.device_name(DEVICE))
+                          f"n_s={shape.n_s}" + (f" ({bench.CPU_LABEL})" if DEVICE.type != "cuda" else "")
+        benchmark.extra_info.update(provider=name, device=bench.device_name(DEVICE))
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)

@@ -91,7 +91,7 @@ struct Lrp {
   GateRows g;
 };
 
-// Validates the packed-layout arguments shared by forward and backward (see pclr.dispatch.LinearInputs).
+// Validates the packed-layout arguments shared by forward and backward (see pclr.backends.base.LinearInputs).
 Lrp check_lrp(const Tensor& x, const Tensor& weight, const Tensor& A_m, const Tensor& B_m, const Tensor& idx,
               const Tensor& val, const OptTensor& A_s, const OptTensor& B_s, const Tensor& sot, double beta_m,
               double beta_s, int64_t padded_len) {

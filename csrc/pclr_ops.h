@@ -5,7 +5,7 @@
 // and compile without torch headers. Streams travel as `void*` (a cudaStream_t), dtypes as ScalarKind, and every
 // launcher returns the cudaError_t of its launch as an int (0 = success).
 //
-// Vocabulary shared by all launchers (packed token layout of pclr.dispatch.LinearInputs):
+// Vocabulary shared by all launchers (packed token layout of pclr.backends.base.LinearInputs):
 //   T tokens, B samples, sample_of_token sot[T] in [0, B).
 //   R = n_s + r active rank rows per sample: row k < n_s is shared row k, row k >= n_s is pool row idx[s, k - n_s].
 //   scale(s, k) = beta_s for shared rows, val[s, k - n_s] * beta_m for pool rows (folded into the [T, R]
@@ -20,8 +20,15 @@ enum class ScalarKind : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 // Tokens of one sample processed together by the tiled kernels.
 constexpr int kTileM = 64;
-// Up to this many tokens the forward takes the single-launch decode kernel.
-constexpr int kDecodeMaxTokens = 64;
+// Up to this many tokens the forward takes the single-launch decode kernel. The value is pclr.options.DECODE_MAX_TOKENS,
+// which setup.py passes as -DPCLR_DECODE_MAX_TOKENS so that Python dispatch and the kernels agree; the fallback only
+// serves tools that compile a file on their own (editors, linters).
+#ifndef PCLR_DECODE_MAX_TOKENS
+#define PCLR_DECODE_MAX_TOKENS 64
+#endif
+constexpr int kDecodeMaxTokens = PCLR_DECODE_MAX_TOKENS;
+// The decode workspace holds T * R ints per call and its grid is T * (G + C) blocks: keep T small.
+static_assert(kDecodeMaxTokens >= 1 && kDecodeMaxTokens <= 1024, "PCLR_DECODE_MAX_TOKENS must be in [1, 1024]");
 // The decode kernel keeps a token's R scaled activations (+ row pointers) in shared memory: 12 bytes per row.
 constexpr int kDecodeMaxRank = 4096;
 // The gate sorts all n scores of a sample in shared memory (8 bytes each).

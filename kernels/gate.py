@@ -91,7 +91,7 @@ def gate_topr_kernel(
     in_range = offs < n
     if BATCH:
         rank = tl.zeros([BLOCK_N], dtype=S.dtype.element_ty)
-        for b in range(0, B):
+        for b in range(B):
             s = tl.load(S + b * stride_s + offs, mask=in_range, other=0.0)
             if HAS_CAND:
                 c = tl.load(CAND + b * stride_cand + offs, mask=in_range, other=0)
@@ -105,7 +105,7 @@ def gate_topr_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     chosen = tl.zeros([BLOCK_R], dtype=tl.int32)
     avail = in_range
-    for i in range(0, r):
+    for i in range(r):
         # a non-candidate (-inf) can still be picked once the candidates run out, lowest index first, as the
         # stable sort does; `avail` (not the score) marks what is already taken so -inf entries stay distinct
         best = tl.max(tl.where(avail, rank, float("-inf")), axis=0)
@@ -114,7 +114,7 @@ def gate_topr_kernel(
         avail = avail & (offs != j)
     mask_r = offs_r < r
     if BATCH:
-        for b in range(0, B):
+        for b in range(B):
             _store_route(IDX, VAL, S, b, stride_out, stride_s, chosen, offs_r, mask_r, SOFT, BLOCK_R)
     else:
         _store_route(IDX, VAL, S, pid, stride_out, stride_s, chosen, offs_r, mask_r, SOFT, BLOCK_R)
@@ -180,7 +180,7 @@ def sample_gate(
     row = tl.zeros([BLOCK_R], dtype=tl.int32)
     val = tl.zeros([BLOCK_R], dtype=tl.float32)
     avail = in_range
-    for i in range(0, r):
+    for i in range(r):
         best = tl.max(tl.where(avail, rank, float("-inf")), axis=0)
         j = tl.min(tl.where(avail & (rank == best), offs, BLOCK_NK), axis=0)
         lane = offs_r == n_s + i

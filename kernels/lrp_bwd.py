@@ -14,7 +14,6 @@ fixed order by :func:`segment_reduce_kernel` (bit-identical across runs).
 """
 import triton
 import triton.language as tl
-
 from pclr.kernels.lrp_fwd import rank_rows
 
 
@@ -92,7 +91,7 @@ def segment_reduce_kernel(
     start = tl.load(STARTS + j)
     count = tl.load(COUNTS + j)
     acc = tl.zeros([BLOCK_N], dtype=ACC)
-    for c in range(0, count):
+    for c in range(count):
         src = tl.load(SRC + start + c).to(tl.int64)
         acc += tl.load(P + src * stride_p + offs_n, mask=mask_n, other=0.0)
     tl.store(OUT + j.to(tl.int64) * stride_out + offs_n, acc, mask=mask_n)

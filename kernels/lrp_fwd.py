@@ -16,7 +16,6 @@ the same for every token of the tile and the low-rank product is a dense GEMM on
 """
 import triton
 import triton.language as tl
-
 from pclr.kernels.gate import sample_gate
 
 
@@ -181,7 +180,7 @@ def lrp_shrink_kernel(
         return
     s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, TILE_START, T,
                                       SORTED, False, BLOCK_M)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, BLOCK_R, ACC)
+    offs_r, is_s, is_m, row, _scale = rank_rows(s, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, BLOCK_R, ACC)
     sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

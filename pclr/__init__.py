@@ -4,10 +4,12 @@ Public API::
 
     pclr.lrp_gate(query, keys, r, ...)                 -> idx int32 [B, r], val fp32 [B, r]
     pclr.lrp_linear(x, W, b, A_m, B_m, idx, val, ...)  -> y
+    pclr.lrp_gate_linear(x, W, b, A_m, B_m, query, keys, r, ...) -> (y, idx, val)   (gate and linear together)
     pclr.FusedLRPLinear, pclr.KeyPool, pclr.routing, pclr.LRPConfig
     pclr.inject_lrp(model, config), pclr.QueryExtractor(model)      (model integration)
     pclr.CILTrainer, pclr.CILConfig, pclr.Task, pclr.TaskPlan       (the continual-learning trainer)
-    pclr.backends()                                    -> {name: [reasons it cannot run here]}
+    pclr.available_backends()                          -> {name: [reasons it cannot run here]}
+    pclr.set_forward_variant(v)                        the triton forward variant lrp_linear uses by default
 
 Model integration and the trainer are imported on first use (they pull in transformers and accelerate), so
 ``import pclr`` stays light for users of the layer and the kernels only. The PEFT route is ``pclr.peft``.
@@ -18,10 +20,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-from pclr import backends
+from pclr.backends.base import BackendUnavailableError
 from pclr.config import LRPConfig
-from pclr.dispatch import BackendUnavailableError
-from pclr.functional import lrp_gate, lrp_linear
+from pclr.dispatch import available_backends
+from pclr.functional import lrp_gate, lrp_gate_linear, lrp_linear, set_forward_variant
 from pclr.modules import FusedLRPLinear, KeyPool
 from pclr.routing import routing
 from pclr.validation import set_validation
@@ -33,8 +35,10 @@ _LAZY = {
     "TaskPlan": "pclr.cil",
 }
 
-__all__ = [
-    "__version__", "LRPConfig", "BackendUnavailableError", "backends", "lrp_gate", "lrp_linear",
+# the lazily imported names are strings too (the keys of _LAZY), which the linter cannot see through the star
+__all__ = [  # noqa: PLE0604
+    "__version__", "LRPConfig", "BackendUnavailableError", "available_backends", "lrp_gate", "lrp_linear",
+    "lrp_gate_linear", "set_forward_variant",
     "FusedLRPLinear", "KeyPool", "routing", "set_validation", *_LAZY,
 ]
 

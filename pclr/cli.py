@@ -11,13 +11,15 @@ import platform
 import sys
 from typing import Callable, Optional, Sequence
 
+from pclr.options import BACKEND_NAMES
+
 # subcommand -> (module, add-arguments function, main function, one-line help)
 _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "run": ("pclr.experiment", "add_run_arguments", "run_main",
             "Run a continual-learning experiment (default: CoIN-mini, LoRA vs LoRA+LwF vs PCLR)."),
     "eval": ("pclr.experiment", "add_eval_arguments", "eval_main",
              "Evaluate a saved run on every task and rewrite its report."),
-    "bench": ("pclr.bench", "add_bench_arguments", "bench_main",
+    "bench": ("pclr.bench.cli", "add_bench_arguments", "bench_main",
               "Benchmark the LRP kernels against base Linear, the paper's formulation, dense and PEFT LoRA."),
 }
 
@@ -36,7 +38,6 @@ def info_main(args: argparse.Namespace) -> int:
     import torch
 
     import pclr
-    from pclr import dispatch
 
     rows = [
         ("pclr", pclr.__version__),
@@ -51,10 +52,10 @@ def info_main(args: argparse.Namespace) -> int:
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "")),
         ("PCLR_BACKEND", os.environ.get("PCLR_BACKEND", "")),
     ]
-    width = max(len(k) for k, _ in rows + [(f"backend.{b}", "") for b in dispatch.BACKEND_NAMES])
+    width = max(len(k) for k, _ in rows + [(f"backend.{b}", "") for b in BACKEND_NAMES])
     for k, v in rows:
         print(f"{k:<{width}}: {v}")
-    for name, why in dispatch.available_backends().items():
+    for name, why in pclr.available_backends().items():
         print(f"{'backend.' + name:<{width}}: {'available' if not why else 'unavailable: ' + '; '.join(why)}")
     return 0
 

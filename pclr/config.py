@@ -1,8 +1,10 @@
 """Configuration dataclasses with documented defaults (HF/PEFT style: ``field(metadata={"help": ...})``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+from pclr.options import BACKEND_NAMES, GATE_MODES, GATE_SCOPES, BackendName, GateMode, GateScope, check_choice
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -11,7 +13,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 class LRPConfig:
     """Settings of a LoRA Rank Pool (LRP) layer and its key pool.
 
-    The defaults are the PCLR reference settings for CoIN / LLaVA-1.5 (SPEC §1–3).
+    The defaults are the PCLR reference settings for CoIN / LLaVA-1.5. :class:`pclr.peft.PCLRConfig` derives its
+    fields from these, so a field added here reaches the PEFT route with its default and help text.
     """
 
     r: int = field(default=64, metadata={"help": "Experts (rank-1 LoRA components) chosen per sample by the gate."})
@@ -21,24 +24,24 @@ class LRPConfig:
     query_weights: tuple[float, ...] = field(
         default=(1.0, 0.25), metadata={"help": "Per-part weights of the gate score (text, vision)."}
     )
-    gate_scope: str = field(
+    gate_scope: GateScope = field(
         default="sample",
-        metadata={"help": "'sample': each sample routes itself; 'batch': rank the batch-summed score (reference code)."},
+        metadata={"help": "'sample': each sample routes itself; 'batch': one route for the batch (summed scores)."},
     )
-    gate_mode: str = field(
+    gate_mode: GateMode = field(
         default="hard", metadata={"help": "'hard': gate value 1; 'soft': gate value = score (keys get CE gradient)."}
     )
     init_std: Optional[float] = field(
         default=None, metadata={"help": "Std of new A rows; None means 1/sqrt(d_in) (B rows start at zero)."}
     )
-    target_modules: Any = field(
+    target_modules: Union[tuple[str, ...], str] = field(
         default=DEFAULT_TARGET_MODULES,
         metadata={"help": "Suffixes (list) or a regex (str) of the Linear modules that receive an LRP."},
     )
     deterministic: bool = field(
         default=False, metadata={"help": "Fused backends reduce pool gradients by segments instead of atomics."}
     )
-    backend: Optional[str] = field(
+    backend: Optional[BackendName] = field(
         default=None, metadata={"help": "Force a backend ('reference', 'triton', 'cuda'); None lets dispatch pick."}
     )
 
@@ -49,12 +52,10 @@ class LRPConfig:
             raise ValueError(f"LRPConfig.budget ({self.budget}) must be >= r ({self.r})")
         if self.n_shared < 0:
             raise ValueError(f"LRPConfig.n_shared must be >= 0, got {self.n_shared}")
-        if self.gate_scope not in ("sample", "batch"):
-            raise ValueError(f"LRPConfig.gate_scope must be 'sample' or 'batch', got {self.gate_scope!r}")
-        if self.gate_mode not in ("hard", "soft"):
-            raise ValueError(f"LRPConfig.gate_mode must be 'hard' or 'soft', got {self.gate_mode!r}")
-        if self.backend not in (None, "reference", "triton", "cuda"):
-            raise ValueError(f"LRPConfig.backend must be None, 'reference', 'triton' or 'cuda', got {self.backend!r}")
+        check_choice("LRPConfig.gate_scope", self.gate_scope, GATE_SCOPES)
+        check_choice("LRPConfig.gate_mode", self.gate_mode, GATE_MODES)
+        if self.backend is not None:
+            check_choice("LRPConfig.backend", self.backend, BACKEND_NAMES)
         self.query_weights = tuple(float(w) for w in self.query_weights)
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
@@ -79,5 +80,5 @@ class LRPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LRPConfig":
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k == "query_weights" else v) for k, v in d.items() if k in known})

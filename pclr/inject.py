@@ -15,46 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from pclr.config import LRPConfig
-from pclr.modules import FusedLRPLinear, KeyPool
+from pclr.hf_anatomy import POOL_ATTR, decoder_layers, find_projector, infer_query_dims
+from pclr.key_pool import KeyPool
+from pclr.modules import FusedLRPLinear
 
-POOL_ATTR = "lrp_key_pool"
-# Where multimodal projectors live in HF models (LLaVA / LLaVA-NeXT, LLaVA-1.5 original code). Qwen2-VL's merger
-# runs on packed patches inside the vision tower; it is not wrapped (its decoder layers are).
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector")
-_VISION_HINTS = ("vision", "visual", "image_encoder")
+__all__ = ["inject_lrp", "lrp_pools", "lrp_layers", "is_lrp_key", "lrp_state_dict", "load_lrp_state_dict",
+           "lrp_parameters", "freeze_base", "lrp_num_experts", "check_lrp_state", "decoder_layers", "find_projector",
+           "POOL_ATTR"]
+
 LRP_PARAM_NAMES = ("A_m", "B_m", "A_s", "B_s")
-
-
-def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every decoder layer of the language model, in order.
-
-    Uses ``model.get_decoder().layers`` when the model has it; otherwise the first ``*layers`` ModuleList outside
-    the vision tower.
-    """
-    names = {id(m): n for n, m in model.named_modules()}
-    decoder = None
-    if hasattr(model, "get_decoder"):
-        try:
-            decoder = model.get_decoder()
-        except Exception:  # some wrappers raise when there is no decoder
-            decoder = None
-    layers = getattr(decoder, "layers", None) if decoder is not None else None
-    if isinstance(layers, nn.ModuleList) and id(layers) in names:
-        base = names[id(layers)]
-        return [(f"{base}.{i}", m) for i, m in enumerate(layers)]
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and \
-                not any(h in name for h in _VISION_HINTS):
-            return [(f"{name}.{i}", m) for i, m in enumerate(mod)]
-    raise ValueError(f"{type(model).__name__}: no decoder layers found (expected get_decoder().layers)")
-
-
-def find_projector(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
-    """(name, module) of the multimodal projector, or None for a text-only model."""
-    for name, mod in model.named_modules():
-        if name.split(".")[-1] in PROJECTOR_NAMES and any(isinstance(m, nn.Linear) for m in mod.modules()):
-            return name, mod
-    return None
+LRP_BUFFER_NAMES = ("trainable", "shared_trainable")
 
 
 def _matches(rel_name: str, targets: Union[str, Sequence[str]]) -> bool:
@@ -63,7 +33,8 @@ def _matches(rel_name: str, targets: Union[str, Sequence[str]]) -> bool:
     return any(rel_name == t or rel_name.endswith("." + t) for t in targets)
 
 
-def _select_layers(units: list, layers: Optional[Sequence[int]]) -> list:
+def _select_layers(units: list[tuple[str, nn.Module]],
+                   layers: Optional[Sequence[int]]) -> list[tuple[str, nn.Module]]:
     """The decoder layers named by index in ``layers`` (negative indices count from the top), in model order."""
     if layers is None:
         return units
@@ -123,7 +94,7 @@ def _plan(model: nn.Module, config: LRPConfig, projector: bool,
     return plan
 
 
-def _example_names(units) -> list[str]:
+def _example_names(units: list[tuple[str, nn.Module]]) -> list[str]:
     if not units:
         return []
     return sorted({rel.split(".")[-1] for rel, m in units[0][1].named_modules() if isinstance(m, nn.Linear)})
@@ -138,7 +109,8 @@ def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims:
         model: an HF causal LM, ``LlavaForConditionalGeneration`` or Qwen2-VL style model.
         config: pool/gate settings; ``config.target_modules`` is a suffix list (default q/k/v/o/gate/up/down) or a
             regex over names relative to a decoder layer.
-        query_dims: size of each query part; default (d_text, d_vision) from :func:`pclr.query.infer_query_dims`.
+        query_dims: size of each query part; default (d_text, d_vision) from
+            :func:`pclr.hf_anatomy.infer_query_dims`.
         projector: also wrap every Linear of the multimodal projector (with its own key pool).
         freeze: freeze all the model's own parameters (only pools, keys and shared ranks can train).
         layers: indices of the decoder layers that get LRP (negative = from the top, e.g. ``range(-4, 0)`` for the
@@ -147,15 +119,13 @@ def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims:
 
     Raises ValueError before anything changes if a target module is unknown or not a Linear.
     """
-    from pclr.query import infer_query_dims
-
     config = config or LRPConfig()
     query_dims = tuple(query_dims) if query_dims is not None else infer_query_dims(model)
     plan = _plan(model, config, projector, layers)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
-    for uname, unit, rels in plan:
+    for _, unit, rels in plan:
         if not rels:
             continue
         ref = unit.get_submodule(rels[0]).weight
@@ -167,7 +137,28 @@ def inject_lrp(model: nn.Module, config: Optional[LRPConfig] = None, query_dims:
             linear = getattr(parent, child)
             setattr(parent, child, FusedLRPLinear.from_linear(linear, config, key_pool=pool))
     model.lrp_config = config  # read back by helpers, save/load and the trainer
+    model.register_load_state_dict_pre_hook(check_lrp_state)
     return model
+
+
+def check_lrp_state(model: nn.Module, state_dict: dict, prefix: str = "", *args: object) -> None:
+    """Check every LRP entry of ``state_dict`` against ``model`` before anything is loaded, so a bad state (an
+    adapter for another width or query dims, pool sizes that disagree between a key pool and its layers) changes
+    nothing. ``inject_lrp`` registers it as a load_state_dict pre-hook of the model; the layers and pools check
+    their own entries again as they load, which covers loading a single submodule. Each pool is told the n it is
+    about to receive, so its layers (which load first) can be checked against it."""
+    named = [(f"{prefix}{name}." if name else prefix, mod) for name, mod in model.named_modules()]
+    pool_n, pools = {}, []
+    for at, mod in named:
+        if isinstance(mod, KeyPool):
+            n = mod.check_state(state_dict, at)
+            pool_n[id(mod)] = mod.n if n is None else n
+            pools.append((mod, n))
+    for at, mod in named:
+        if isinstance(mod, FusedLRPLinear):
+            mod.check_state(state_dict, at, pool_n=pool_n.get(id(mod.key_pool)))
+    for pool, n in pools:
+        pool.incoming_n = n
 
 
 def lrp_pools(model: nn.Module) -> dict[str, KeyPool]:
@@ -185,7 +176,7 @@ def is_lrp_key(name: str) -> bool:
     parts = name.split(".")
     if f"{POOL_ATTR}" in parts:
         return True
-    return parts[-1] in LRP_PARAM_NAMES or (parts[-1] == "trainable" and "base_layer" not in parts)
+    return parts[-1] in LRP_PARAM_NAMES or (parts[-1] in LRP_BUFFER_NAMES and "base_layer" not in parts)
 
 
 def lrp_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -194,9 +185,10 @@ def lrp_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_lrp_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load LRP tensors (pools resize to the stored n); every LRP key of the model must be present."""
+    """Load LRP tensors (pools resize to the stored n); every LRP key of the model must be present (a missing
+    ``shared_trainable`` flag, from a state saved before it existed, keeps the current setting)."""
     own = {k for k in model.state_dict() if is_lrp_key(k)}
-    missing = sorted(own - set(state))
+    missing = sorted(k for k in own - set(state) if not k.endswith(".shared_trainable"))
     unexpected = sorted(set(state) - own)
     if missing or unexpected:
         raise KeyError(f"LRP state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,243 +1,41 @@
-"""``FusedLRPLinear`` (a frozen Linear + a LoRA rank pool) and ``KeyPool`` (the keys of one decoder layer).
+"""``FusedLRPLinear``: a frozen Linear plus a LoRA rank pool routed per sample (its keys live in a ``KeyPool``).
 
-A KeyPool owns the pool *size*: its n keys correspond one-to-one with rows of A_m/B_m in every FusedLRPLinear
-attached to it, so ``grow``/``prune``/``freeze`` on the pool apply to all of them at once and n never diverges.
+Pool operations (grow/freeze/prune) go through the layer's key pool so every layer sharing it keeps the same n.
+``KeyPool`` lives in :mod:`pclr.key_pool` and is re-exported here, where it has always been importable from.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pclr import frozen_rows
 from pclr.config import LRPConfig
-from pclr.functional import lrp_gate, lrp_linear
-from pclr.routing import current_routing, expand_route
+from pclr.functional import lrp_linear
+from pclr.key_pool import KeyPool
+from pclr.pool_rows import Rows, check_rows, check_vector, count_arg, resize_from_state, row_mask, source_rows
+from pclr.routing import expand_route
 
-Rows = Union[Tensor, Sequence[int], None]
-
-
-def _row_mask(rows: Rows, n: int, device) -> Tensor:
-    """bool [n] from None (all rows), a bool mask [n] or a sequence/tensor of indices."""
-    if rows is None:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    t = torch.as_tensor(rows, device=device)
-    if t.dtype == torch.bool:
-        if t.shape != (n,):
-            raise ValueError(f"row mask must be bool [{n}], got shape {tuple(t.shape)}")
-        return t
-    t = t.long().reshape(-1)
-    if t.numel() and (int(t.min()) < -n or int(t.max()) >= n):
-        raise ValueError(f"row indices must lie in [0, {n}), got min {int(t.min())}, max {int(t.max())}")
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    mask[t] = True
-    return mask
-
-
-def _resize_from_state(module: nn.Module, state_dict: dict, prefix: str, names: Sequence[str]) -> None:
-    """Before loading, give parameters/buffers the shapes found in the state dict (pool size changes over tasks)."""
-    for name in names:
-        key = prefix + name
-        cur = getattr(module, name, None)
-        if key not in state_dict or cur is None or state_dict[key].shape == cur.shape:
-            continue
-        new = torch.empty(state_dict[key].shape, dtype=cur.dtype, device=cur.device)
-        if isinstance(cur, nn.Parameter):
-            setattr(module, name, nn.Parameter(new, requires_grad=cur.requires_grad))
-        else:
-            setattr(module, name, new)
-
-
-class KeyPool(nn.Module):
-    """Keys of the experts of one decoder layer, one tensor per query part, and the gate over them.
-
-    Args:
-        query_dims: size of each query part, e.g. (d_text, d_vision).
-        config: gate settings (r, query_weights, gate_scope, gate_mode, backend).
-        n: experts to create at once (random normalised keys).
-
-    Buffers: ``trainable`` bool [n] (rows whose keys learn), ``task_of_expert`` int64 [n] (task that created each).
-    """
-
-    def __init__(self, query_dims: Sequence[int], config: Optional[LRPConfig] = None, n: int = 0):
-        super().__init__()
-        self.config = config or LRPConfig()
-        self.query_dims = tuple(int(d) for d in query_dims)
-        if len(self.config.query_weights) < len(self.query_dims):
-            raise ValueError(f"config.query_weights has {len(self.config.query_weights)} entries for "
-                             f"{len(self.query_dims)} query parts")
-        self.keys = nn.ParameterList([nn.Parameter(torch.empty(0, d)) for d in self.query_dims])
-        self.register_buffer("trainable", torch.zeros(0, dtype=torch.bool))
-        self.register_buffer("task_of_expert", torch.zeros(0, dtype=torch.long))
-        self.candidates: Optional[Tensor] = None  # bool [n]: experts the gate may choose (None = all)
-        self.always: Optional[Tensor] = None  # int64 [k]: experts chosen for every sample (learning new experts)
-        self._layers: list = []  # FusedLRPLinear sharing this pool (plain list: deepcopy-safe)
-        if n:
-            self.grow(n)
-
-    # ----------------------------------------------------------------------------------------------- pool ops
-    @property
-    def n(self) -> int:
-        return self.keys[0].shape[0]
-
-    def attach(self, layer: "FusedLRPLinear") -> None:
-        if layer.n != self.n:
-            raise ValueError(f"layer has n={layer.n} experts but the key pool has {self.n}")
-        if all(layer is not l for l in self._layers):
-            self._layers.append(layer)
-
-    @property
-    def layers(self) -> list:
-        return list(self._layers)
-
-    @torch.no_grad()
-    def grow(self, n_new: int, *, keys: Optional[Sequence[Tensor]] = None, copy_from: Optional[Tensor] = None,
-             task: int = -1) -> None:
-        """Append ``n_new`` trainable experts to the pool and to every attached layer.
-
-        keys: per part, [n_new, d_p] or [d_p] (e.g. the task's mean query); default random, L2-normalised.
-        copy_from: int [n_new]: initialise the new A/B rows (and keys, if ``keys`` is None) as copies of these
-            existing experts (nearest-similarity init); default A ~ N(0, 1/sqrt(d_in)), B = 0.
-        """
-        if n_new <= 0:
-            return
-        new_keys = []
-        for p, (param, d) in enumerate(zip(self.keys, self.query_dims)):
-            if keys is not None:
-                k = torch.as_tensor(keys[p], dtype=param.dtype, device=param.device)
-                k = k.expand(n_new, d) if k.dim() == 1 else k
-                if k.shape != (n_new, d):
-                    raise ValueError(f"keys[{p}] must be [{n_new}, {d}] or [{d}], got {tuple(k.shape)}")
-            elif copy_from is not None:
-                k = param.data[torch.as_tensor(copy_from, device=param.device).long()]
-            else:
-                k = torch.randn(n_new, d, dtype=param.dtype, device=param.device)
-            new_keys.append(F.normalize(k.float(), dim=-1).to(param.dtype))
-        for p, k in enumerate(new_keys):
-            self.keys[p] = nn.Parameter(torch.cat([self.keys[p].data, k]), requires_grad=True)
-        dev = self.trainable.device
-        self.trainable = torch.cat([self.trainable, torch.ones(n_new, dtype=torch.bool, device=dev)])
-        self.task_of_expert = torch.cat([self.task_of_expert, torch.full((n_new,), task, device=dev)])
-        for layer in self._layers:
-            layer._grow_rows(n_new, copy_from)
-        self.candidates = self.always = None
-
-    @torch.no_grad()
-    def freeze(self, rows: Rows = None) -> None:
-        """Freeze experts (all by default): keys and A/B rows stop learning, bit-identical from now on."""
-        mask = _row_mask(rows, self.n, self.trainable.device)
-        self.trainable = self.trainable & ~mask
-        for layer in self._layers:
-            layer._freeze_rows(mask)
-        self._sync_requires_grad()
-
-    @torch.no_grad()
-    def unfreeze(self, rows: Rows = None) -> None:
-        mask = _row_mask(rows, self.n, self.trainable.device)
-        self.trainable = self.trainable | mask
-        for layer in self._layers:
-            layer._unfreeze_rows(mask)
-        self._sync_requires_grad()
-
-    @torch.no_grad()
-    def prune(self, keep: Rows) -> None:
-        """Keep only the experts in ``keep`` (bool [n] or indices), in their current order, in pool and layers."""
-        mask = _row_mask(keep, self.n, self.trainable.device)
-        for p in range(len(self.keys)):
-            self.keys[p] = nn.Parameter(self.keys[p].data[mask].clone(), requires_grad=self.keys[p].requires_grad)
-        self.trainable = self.trainable[mask]
-        self.task_of_expert = self.task_of_expert[mask]
-        for layer in self._layers:
-            layer._keep_rows(mask)
-        self.candidates = self.always = None
-        self._sync_requires_grad()
-
-    def _sync_requires_grad(self) -> None:
-        has = bool(self.trainable.any())
-        for p in self.keys:
-            p.requires_grad_(has)
-
-    # ----------------------------------------------------------------------------------------------- gating
-    def effective_keys(self) -> tuple[Tensor, ...]:
-        """Keys with frozen rows detached, so only trainable keys receive gradient (soft gate, L_qk)."""
-        m = self.trainable.unsqueeze(1)
-        return tuple(torch.where(m, k, k.detach()) for k in self.keys)
-
-    def set_candidates(self, candidates: Optional[Tensor] = None, always: Optional[Tensor] = None) -> None:
-        """Restrict the gate: ``candidates`` bool [n] may be chosen; ``always`` (indices) are chosen for every
-        sample, the remaining r - len(always) slots go to the best candidates (SPEC §1, learning phase)."""
-        self.candidates = None if candidates is None else _row_mask(candidates, self.n, self.trainable.device)
-        self.always = None if always is None else torch.as_tensor(always, device=self.trainable.device).long()
-
-    def gate(self, query: Union[Tensor, Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
-        """Route each sample: idx int32 [B, r_eff], val fp32 [B, r_eff] with r_eff = min(r, n)."""
-        q = (query,) if isinstance(query, Tensor) else tuple(query)
-        if len(q) != len(self.keys):
-            raise ValueError(f"query has {len(q)} parts but the key pool has {len(self.keys)} (dims {self.query_dims})")
-        cfg, n, B = self.config, self.n, q[0].shape[0]
-        r = min(cfg.r, n)
-        dev = self.keys[0].device
-        if r == 0:
-            return torch.zeros(B, 0, dtype=torch.int32, device=dev), torch.zeros(B, 0, device=dev)
-        keys, w = self.effective_keys(), cfg.query_weights[: len(self.keys)]
-        kw = dict(weights=w, scope=cfg.gate_scope, mode=cfg.gate_mode, backend=cfg.backend)
-        if self.always is None or len(self.always) == 0:
-            return lrp_gate(q, keys, r, candidates=self.candidates, **kw)
-        k_always = min(len(self.always), r)
-        forced = self.always[:k_always]
-        idx_f = forced.to(torch.int32).unsqueeze(0).expand(B, -1)
-        if cfg.gate_mode == "soft":
-            from pclr.backends.reference import gate_scores
-            val_f = gate_scores(q, tuple(k[forced] for k in keys), w).float()
-        else:
-            val_f = torch.ones(B, k_always, device=dev)
-        if r == k_always:
-            return idx_f.contiguous(), val_f
-        cand = torch.ones(n, dtype=torch.bool, device=dev) if self.candidates is None else self.candidates.clone()
-        cand[forced] = False
-        idx_r, val_r = lrp_gate(q, keys, r - k_always, candidates=cand, **kw)
-        return torch.cat([idx_f, idx_r], 1).contiguous(), torch.cat([val_f, val_r], 1)
-
-    def route(self) -> tuple[Tensor, Tensor]:
-        """The gate of the current ``pclr.routing`` context, computed once per context and reused."""
-        state = current_routing()
-        if state is None:
-            raise RuntimeError("an LRP layer ran without a route: wrap the forward in `with pclr.routing(query):` "
-                               "or pass route=(idx, val)")
-        key = id(self)
-        if key not in state.cache:
-            state.cache[key] = self.gate(state.query)
-        return state.cache[key]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for p in range(len(self.keys)):
-            key = f"{prefix}keys.{p}"
-            if key in state_dict and state_dict[key].shape != self.keys[p].shape:
-                self.keys[p] = nn.Parameter(torch.empty_like(state_dict[key], device=self.keys[p].device))
-        _resize_from_state(self, state_dict, prefix, ("trainable", "task_of_expert"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._sync_requires_grad()
-
-    def extra_repr(self) -> str:
-        return (f"query_dims={self.query_dims}, n={self.n} ({int(self.trainable.sum())} trainable), r={self.config.r}, "
-                f"weights={self.config.query_weights}, scope={self.config.gate_scope}, mode={self.config.gate_mode}")
+__all__ = ["FusedLRPLinear", "KeyPool"]
 
 
 class FusedLRPLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a LoRA Rank Pool routed per sample (SPEC §1).
+    """A frozen ``nn.Linear`` plus a LoRA Rank Pool routed per sample.
 
     y = x·Wᵀ + b + beta_s·(x·A_sᵀ)·B_s + beta_m·Σ_k val[b,k]·(x·A_m[idx[b,k]]ᵀ)·B_m[idx[b,k]]
 
     Parameters: ``A_m`` [n, d_in], ``B_m`` [n, d_out] (row j = expert j), ``A_s`` [n_s, d_in], ``B_s`` [n_s, d_out].
-    Buffers: ``trainable`` bool [n]. The wrapped Linear is ``base_layer`` (weight shared, frozen, not copied).
+    Buffers: ``trainable`` bool [n]; ``shared_trainable`` bool [] (whether A_s/B_s learn, kept across a reload).
+    The wrapped Linear is ``base_layer`` (weight shared, frozen, not copied). Frozen rows stay bit-identical under
+    any ``torch.optim`` optimizer, weight decay and momentum included (:mod:`pclr.frozen_rows`).
 
     Routing, in order: ``forward(x, route=(idx, val))``; else the ``key_pool``'s gate under ``pclr.routing(query)``.
     """
 
     def __init__(self, base_layer: nn.Linear, config: Optional[LRPConfig] = None,
-                 key_pool: Optional[KeyPool] = None, query_dims: Optional[Sequence[int]] = None):
+                 key_pool: Optional[KeyPool] = None, query_dims: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -251,8 +49,13 @@ class FusedLRPLinear(nn.Module):
         self.A_s = nn.Parameter(w.new_zeros(0, self.in_features), requires_grad=False)
         self.B_s = nn.Parameter(w.new_zeros(0, self.out_features), requires_grad=False)
         self.register_buffer("trainable", torch.zeros(0, dtype=torch.bool, device=w.device))
+        self.register_buffer("shared_trainable", torch.zeros((), dtype=torch.bool, device=w.device))
+        self.register_state_dict_post_hook(_save_unmerged)
         self._has_frozen = False
+        self._frozen_idx: Optional[Tensor] = None  # int64 [n_frozen], None when every row trains
+        self.enabled = True  # False: the forward is the plain base Linear (PEFT's disable_adapter_layers)
         self.merged_route: Optional[tuple[Tensor, Tensor]] = None
+        self._unmerged_weight: Optional[Tensor] = None  # W before merge(): unmerge() restores it bit for bit
         self.own_key_pool: Optional[KeyPool] = None
         if key_pool is None and query_dims is not None:
             self.own_key_pool = KeyPool(query_dims, self.config).to(w.device)
@@ -262,10 +65,15 @@ class FusedLRPLinear(nn.Module):
             if key_pool.n:
                 self._grow_rows(key_pool.n)
             key_pool.attach(self)
+        frozen_rows.track(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        frozen_rows.track(self)  # deepcopy / pickling bypass __init__
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Optional[LRPConfig] = None, key_pool: Optional[KeyPool] = None,
-                    query_dims: Optional[Sequence[int]] = None) -> "FusedLRPLinear":
+                    query_dims: Optional[Sequence[int]] = None) -> FusedLRPLinear:
         """Wrap ``linear`` (its weight is shared, not copied, and frozen). Give ``key_pool`` to share a layer's
         keys, or ``query_dims`` to create keys of its own (a standalone routed layer)."""
         return cls(linear, config, key_pool=key_pool, query_dims=query_dims)
@@ -298,41 +106,62 @@ class FusedLRPLinear(nn.Module):
     def beta_s(self) -> float:
         return self.config.beta_s(self.n_shared)
 
+    @property
+    def merged(self) -> bool:
+        return self.merged_route is not None
+
+    def refuse_if_merged(self, action: str) -> None:
+        """Raise when merged: the folded delta was computed from the current rows, so changing them (or loading a
+        state) while merged would leave W holding a delta that no longer matches the pool."""
+        if self.merged:
+            raise RuntimeError(f"cannot {action} a merged FusedLRPLinear: call unmerge() first")
+
     # ----------------------------------------------------------------------------------------------- pool ops
-    def grow(self, n_new: int, **kwargs) -> None:
+    def grow(self, n_new: int, **kwargs: Any) -> None:
         """Add ``n_new`` trainable experts (through the key pool when there is one, so all its layers grow)."""
         if self.key_pool is not None:
             self.key_pool.grow(n_new, **kwargs)
-        else:
-            self._grow_rows(n_new, kwargs.get("copy_from"))
+            return
+        n_new = count_arg(n_new, "n_new")
+        self.refuse_if_merged("grow")
+        src = source_rows(kwargs.get("copy_from"), n_new, self.n, self.A_m.device)
+        if n_new:
+            self._grow_rows(n_new, src)
 
     def freeze(self, rows: Rows = None) -> None:
         """Freeze experts (default all) and the shared ranks."""
         if self.key_pool is not None:
             self.key_pool.freeze(rows)
         else:
-            self._freeze_rows(_row_mask(rows, self.n, self.trainable.device))
+            self.refuse_if_merged("freeze")
+            self._freeze_rows(row_mask(rows, self.n, self.trainable.device))
         if rows is None:
-            self.A_s.requires_grad_(False)
-            self.B_s.requires_grad_(False)
+            self._set_shared_trainable(False)
 
     def prune(self, keep: Rows) -> None:
         """Keep only the experts in ``keep`` (bool [n] or indices)."""
         if self.key_pool is not None:
             self.key_pool.prune(keep)
         else:
-            self._keep_rows(_row_mask(keep, self.n, self.trainable.device))
+            self.refuse_if_merged("prune")
+            self._keep_rows(row_mask(keep, self.n, self.trainable.device, name="keep"))
 
     @torch.no_grad()
     def add_shared(self, n_s: Optional[int] = None, *, trainable: bool = True) -> None:
         """Create ``n_s`` (default config.n_shared) shared ranks: A ~ N(0, 1/sqrt(d_in)), B = 0."""
-        n_s = self.config.n_shared if n_s is None else n_s
-        if n_s <= 0:
+        n_s = count_arg(self.config.n_shared if n_s is None else n_s, "n_s")
+        self.refuse_if_merged("add shared ranks to")
+        if n_s == 0:
             return
         A = self._new_A(n_s)
-        self.A_s = nn.Parameter(torch.cat([self.A_s.data, A]), requires_grad=trainable)
-        self.B_s = nn.Parameter(torch.cat([self.B_s.data, self.B_s.new_zeros(n_s, self.out_features)]),
-                                requires_grad=trainable)
+        self.A_s = nn.Parameter(torch.cat([self.A_s.data, A]))
+        self.B_s = nn.Parameter(torch.cat([self.B_s.data, self.B_s.new_zeros(n_s, self.out_features)]))
+        self._set_shared_trainable(trainable)
+
+    def _set_shared_trainable(self, trainable: bool) -> None:
+        self.A_s.requires_grad_(trainable)
+        self.B_s.requires_grad_(trainable)
+        self.shared_trainable.fill_(trainable)
 
     def _new_A(self, n_new: int) -> Tensor:
         std = self.config.init_std or 1.0 / math.sqrt(self.in_features)
@@ -340,9 +169,10 @@ class FusedLRPLinear(nn.Module):
         return torch.randn(n_new, self.in_features, device=w.device, dtype=torch.float32).mul_(std).to(w.dtype)
 
     @torch.no_grad()
-    def _grow_rows(self, n_new: int, copy_from: Optional[Tensor] = None) -> None:
-        if copy_from is not None:
-            src = torch.as_tensor(copy_from, device=self.A_m.device).long()
+    def _grow_rows(self, n_new: int, src: Optional[Tensor] = None) -> None:
+        """Append rows (copies of ``src`` int64 [n_new] when given); the key pool checked the arguments."""
+        if src is not None:
+            src = src.to(self.A_m.device)
             A, B = self.A_m.data[src].clone(), self.B_m.data[src].clone()
         else:
             A, B = self._new_A(n_new), self.B_m.new_zeros(n_new, self.out_features)
@@ -372,14 +202,26 @@ class FusedLRPLinear(nn.Module):
         has = bool(self.trainable.any())
         self.A_m.requires_grad_(has)
         self.B_m.requires_grad_(has)
+        frozen = (~self.trainable).nonzero().flatten()
+        self._frozen_idx = frozen if frozen.numel() else None
         # a Python flag, not a tensor test in forward: keeps torch.compile free of data-dependent branches
-        self._has_frozen = not bool(self.trainable.all())
+        self._has_frozen = self._frozen_idx is not None
+
+    def frozen_rows(self) -> Iterator[tuple[nn.Parameter, Optional[Tensor]]]:
+        """(parameter, frozen row indices or None for all rows), for :mod:`pclr.frozen_rows`."""
+        if self._frozen_idx is not None:
+            idx = self._frozen_idx.to(self.A_m.device)
+            yield self.A_m, idx
+            yield self.B_m, idx
+        if self.n_shared and not self.A_s.requires_grad:
+            yield self.A_s, None
+            yield self.B_s, None
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, *, route: Optional[tuple[Tensor, Tensor]] = None,
                 sample_of_token: Optional[Tensor] = None) -> Tensor:
         """x: [B, L, d_in], [B, d_in] (one token per sample) or packed [T, d_in] with ``sample_of_token``."""
-        if self.merged_route is not None or (self.n == 0 and self.n_shared == 0):
+        if self.merged_route is not None or not self.enabled or (self.n == 0 and self.n_shared == 0):
             return self.base_layer(x)
         if route is None:
             if self.key_pool is None:
@@ -411,33 +253,103 @@ class FusedLRPLinear(nn.Module):
             delta = delta + self.beta_s * self.B_s.to(dt).T @ self.A_s.to(dt)
         return delta
 
+    def _check_route(self, route: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """idx int [r], val float [r] of ONE route given as idx [r] or [1, r] (val likewise), r in [1, n]."""
+        if not isinstance(route, (tuple, list)) or len(route) != 2:
+            raise TypeError("route must be a pair (idx, val)")
+        idx, val = route
+        if not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(f"route idx must be an integer tensor, got {getattr(idx, 'dtype', type(idx))}")
+        if not isinstance(val, Tensor) or not val.dtype.is_floating_point:
+            raise TypeError(f"route val must be a floating tensor, got {getattr(val, 'dtype', type(val))}")
+        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != 1):
+            raise ValueError(f"merge folds exactly one route: idx must be [r] or [1, r], got {list(idx.shape)}")
+        if val.shape != idx.shape:
+            raise ValueError(f"route val must have the shape of idx {list(idx.shape)}, got {list(val.shape)}")
+        idx, val = idx.reshape(-1), val.reshape(-1)
+        if not 1 <= idx.numel() <= self.n:
+            raise ValueError(f"route idx must hold 1 to n={self.n} experts, got {idx.numel()}")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.n:
+            raise ValueError(f"route idx values must lie in [0, {self.n}), got min {int(idx.min())}, "
+                             f"max {int(idx.max())}")
+        if not bool(torch.isfinite(val).all()):
+            raise ValueError("route val must be finite (a NaN/Inf gate value would poison W)")
+        return idx, val
+
     @torch.no_grad()
     def merge(self, route: tuple[Tensor, Tensor]) -> None:
         """Fold one FIXED route (idx [r] or [1, r], val likewise) into W for single-task serving: the forward is
-        then the plain Linear. ``unmerge`` subtracts it again (exact in fp32/fp64, rounding in half precision)."""
-        if self.merged_route is not None:
-            raise RuntimeError("already merged: call unmerge() first")
-        idx, val = route[0].reshape(-1), route[1].reshape(-1)
+        then the plain Linear. ``unmerge`` restores W bit for bit (W is kept aside while merged, so merging costs
+        one extra copy of W). While merged, ``state_dict()`` holds the unmerged W (a reload never applies the
+        delta twice; merge again after loading) and pool operations and loads are refused."""
+        self.refuse_if_merged("merge")
+        idx, val = self._check_route(route)
         w = self.base_layer.weight
         delta = self._delta(idx, val)
+        self._unmerged_weight = w.detach().clone()
         w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
         self.merged_route = (idx.clone(), val.clone())
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged_route is None:
+        if not self.merged:
             raise RuntimeError("not merged")
-        w = self.base_layer.weight
-        delta = self._delta(*self.merged_route)
-        w.copy_((w.to(delta.dtype) - delta).to(w.dtype))
-        self.merged_route = None
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self.merged_route = self._unmerged_weight = None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _resize_from_state(self, state_dict, prefix, ("A_m", "B_m", "A_s", "B_s", "trainable"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # ----------------------------------------------------------------------------------------------- state
+    def _pool_n_in_state(self, state_dict: dict, prefix: str) -> int:
+        """The n the key pool will hold once the current load is done: its stored n for an own pool (a child of
+        this layer, in the same state), the n announced by :func:`pclr.inject.check_lrp_state` for a pool that an
+        enclosing module loads after this layer, else the pool's current n (a layer loaded on its own)."""
+        pool = self.key_pool
+        key = f"{prefix}own_key_pool.keys.0"
+        if pool is self.own_key_pool and key in state_dict:
+            return state_dict[key].shape[0]
+        return pool.n if pool.incoming_n is None else pool.incoming_n
+
+    def check_state(self, state_dict: dict, prefix: str = "", pool_n: Optional[int] = None) -> Optional[int]:
+        """Check this layer's entries of ``state_dict`` without changing anything; return the stored n (None when
+        the state has no pool rows for it). Raises ValueError naming the entry: another width (an adapter for
+        another model), inconsistent row counts, an n that differs from the key pool's (``pool_n``: the n the pool
+        will hold after this load; default from the pool), or a merged layer."""
+        owner = f"FusedLRPLinear({self.in_features} -> {self.out_features})"
+        if self.merged and any(k.startswith(prefix) for k in state_dict):
+            self.refuse_if_merged("load a state into")
+        widths = {"A_m": self.in_features, "B_m": self.out_features}
+        n = check_rows(state_dict, prefix, widths, owner)
+        check_rows(state_dict, prefix, {"A_s": self.in_features, "B_s": self.out_features}, owner)
+        check_vector(state_dict, prefix, "trainable", n, owner)
+        if self.key_pool is not None:
+            pool_n = self._pool_n_in_state(state_dict, prefix) if pool_n is None else pool_n
+            if (self.n if n is None else n) != pool_n:
+                raise ValueError(f"cannot load {owner}: the layer would hold {self.n if n is None else n} experts "
+                                 f"({prefix}A_m) but its key pool {pool_n}; load the pool and its layers together")
+        return n
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], *args: Any, **kwargs: Any) -> None:
+        self.check_state(state_dict, prefix)
+        resize_from_state(self, state_dict, prefix, ("A_m", "B_m", "A_s", "B_s", "trainable"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        key = prefix + "shared_trainable"
+        if key in state_dict:
+            self._set_shared_trainable(bool(self.shared_trainable))
+        elif key in missing_keys:  # saved before the flag existed: keep the current setting
+            missing_keys.remove(key)
         self._sync_requires_grad()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, n={self.n} "
                 f"({int(self.trainable.sum())} trainable), n_shared={self.n_shared}, r={self.config.r}, "
-                f"alpha={self.config.alpha}, merged={self.merged_route is not None}")
+                f"alpha={self.config.alpha}, merged={self.merged}")
+
+
+def _save_unmerged(module: FusedLRPLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A merged layer saves the W it had before merge(), so the state never carries the delta twice, and the
+    shared ranks' trainability as it is now (a user may have toggled requires_grad directly)."""
+    if module._unmerged_weight is not None and prefix + "base_layer.weight" in state_dict:
+        state_dict[prefix + "base_layer.weight"] = module._unmerged_weight.clone()
+    key = prefix + "shared_trainable"
+    if key in state_dict:
+        state_dict[key] = torch.tensor(module.A_s.requires_grad, device=module.shared_trainable.device)

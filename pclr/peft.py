@@ -20,18 +20,21 @@ introspection only counts ``BaseTunerLayer`` modules) — use ``model.base_model
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from typing import Any, ContextManager, Iterator, Optional
 
+from peft.config import PeftConfig  # peft is an optional dependency: a missing install surfaces here
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType, register_peft_method
 from torch import nn
 
 from pclr.config import DEFAULT_TARGET_MODULES, LRPConfig
-from pclr.inject import POOL_ATTR, inject_lrp, is_lrp_key, lrp_layers, lrp_pools
-
-from peft.config import PeftConfig  # noqa: E402  (peft is an optional dependency: import errors surface here)
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer  # noqa: E402
-from peft.utils import PeftType  # noqa: E402
+from pclr.hf_anatomy import POOL_ATTR
+from pclr.inject import inject_lrp, is_lrp_key, lrp_layers, lrp_pools
+from pclr.query import QueryExtractor
+from pclr.routing import current_routing
 
 PEFT_TYPE = "PCLR"
 PREFIX = "lrp_"
@@ -56,41 +59,49 @@ _add_peft_type()
 
 
 @dataclass
-class PCLRConfig(PeftConfig):
-    """PEFT configuration of a PCLR LoRA rank pool (fields mirror :class:`pclr.LRPConfig`).
+class _PCLROnlyConfig(PeftConfig):
+    """The settings that exist only on the PEFT route; :class:`PCLRConfig` adds every :class:`LRPConfig` field."""
 
-    n_init: experts created per pool at injection (the trainer grows/compresses pools itself; a plain PEFT user
-    trains these). projector: also wrap the multimodal projector. query_dims: per-part query sizes (default from the
-    model: (d_text, d_vision) or (d_text,)).
-    """
-
-    r: int = field(default=64, metadata={"help": "Experts chosen per sample."})
-    alpha: float = field(default=128.0, metadata={"help": "beta_m = alpha / r, beta_s = alpha / n_shared."})
-    n_shared: int = field(default=32, metadata={"help": "Shared ranks (created by the trainer at compression)."})
-    budget: int = field(default=256, metadata={"help": "Maximum experts per pool."})
     n_init: int = field(default=64, metadata={"help": "Experts created per pool at injection."})
-    query_weights: list = field(default_factory=lambda: [1.0, 0.25], metadata={"help": "Per-part score weights."})
-    gate_scope: str = field(default="sample", metadata={"help": "'sample' or 'batch'."})
-    gate_mode: str = field(default="hard", metadata={"help": "'hard' or 'soft'."})
-    init_std: Optional[float] = field(default=None, metadata={"help": "Std of new A rows (None: 1/sqrt(d_in))."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Suffix list or regex (default q/k/v/o/gate/up/down of every decoder layer)."})
     projector: bool = field(default=True, metadata={"help": "Wrap the multimodal projector too (own key pool)."})
     query_dims: Optional[list] = field(default=None, metadata={"help": "Query part sizes (default from the model)."})
-    backend: Optional[str] = field(default=None, metadata={"help": "Force a backend."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.PCLR
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = list(self.target_modules)
+        if self.target_modules is None:  # adapter configs written before the field had a default
+            self.target_modules = DEFAULT_TARGET_MODULES
         self.to_lrp_config()  # validate now, before any model is touched
 
     def to_lrp_config(self) -> LRPConfig:
-        return LRPConfig(r=self.r, alpha=self.alpha, n_shared=self.n_shared, budget=self.budget,
-                         query_weights=tuple(self.query_weights), gate_scope=self.gate_scope, gate_mode=self.gate_mode,
-                         init_std=self.init_std, backend=self.backend,
-                         target_modules=self.target_modules or DEFAULT_TARGET_MODULES)
+        """The :class:`LRPConfig` of these settings (every LRPConfig field, nothing dropped)."""
+        return LRPConfig(**{f.name: getattr(self, f.name) for f in fields(LRPConfig)})
+
+
+def _lrp_field_specs() -> list[tuple[str, Any, Any]]:
+    """(name, type, field) of every LRPConfig field with its default and help text, so the PEFT config keeps no
+    copy of them that could drift."""
+    specs = []
+    for f in fields(LRPConfig):
+        if f.default_factory is not MISSING:
+            spec = field(default_factory=f.default_factory, metadata=f.metadata)
+        else:
+            spec = field(default=f.default, metadata=f.metadata)
+        specs.append((f.name, f.type, spec))
+    return specs
+
+
+PCLRConfig = make_dataclass(
+    "PCLRConfig", _lrp_field_specs(), bases=(_PCLROnlyConfig,),
+    namespace={"__module__": __name__, "__doc__": """PEFT configuration of a PCLR LoRA rank pool.
+
+    Every :class:`pclr.LRPConfig` field (r, alpha, n_shared, budget, query_weights, gate_scope, gate_mode, init_std,
+    target_modules, deterministic, backend), with the same defaults and checks, plus the PEFT-only settings:
+    n_init: experts created per pool at injection (the trainer grows/compresses pools itself; a plain PEFT user
+    trains these). projector: also wrap the multimodal projector. query_dims: per-part query sizes (default from the
+    model: (d_text, d_vision) or (d_text,)).
+    """},
+)
 
 
 class PCLRModel(BaseTuner):
@@ -104,13 +115,11 @@ class PCLRModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: PCLRConfig, model_config: dict) -> PCLRConfig:
         return peft_config
 
-    def _create_and_replace(self, *args, **kwargs) -> None:  # pragma: no cover - inject_adapter does all the work
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - inject_adapter injects
         raise NotImplementedError("PCLR injects through pclr.inject_lrp")
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
-        from pclr.query import QueryExtractor
-
         if lrp_pools(model):
             raise ValueError("the model already holds LRP layers; PCLR supports one adapter per model")
         cfg: PCLRConfig = self.peft_config[adapter_name]
@@ -119,6 +128,15 @@ class PCLRModel(BaseTuner):
             pool.grow(cfg.n_init, task=0)
         self.targeted_module_names = list(lrp_layers(model))
         self._query = QueryExtractor(model)
+        self._apply_inference_mode()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _apply_inference_mode(self) -> None:
+        """An inference-mode adapter (``PeftModel.from_pretrained`` without ``is_trainable=True``) trains nothing:
+        the pools' own bookkeeping would mark trainable rows as requiring grad again after a load."""
+        if any(cfg.inference_mode for cfg in self.peft_config.values()):  # one adapter per model
+            for _, p in self.model.named_parameters():
+                p.requires_grad_(False)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for n, p in model.named_parameters():
@@ -126,11 +144,7 @@ class PCLRModel(BaseTuner):
                 p.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------ routing
-    def _route(self, kwargs: dict[str, Any]):
-        from contextlib import nullcontext
-
-        from pclr.routing import current_routing
-
+    def _route(self, kwargs: dict[str, Any]) -> ContextManager:
         if current_routing() is not None:
             return nullcontext()
         input_ids = kwargs.get("input_ids")
@@ -140,30 +154,24 @@ class PCLRModel(BaseTuner):
                                  kwargs.pop("has_image", None))
 
     @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """PeftModel enters this around its forward/generate: open the routing context of the batch. Task-specific
         PeftModels (e.g. CAUSAL_LM) pass input_ids separately; then PCLRModel.forward/generate open it instead."""
-        from contextlib import nullcontext
-
         with self._route(dict(kwargs)) if kwargs.get("input_ids") is not None else nullcontext():
             yield
 
-    def forward(self, *args: Any, **kwargs: Any):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._route(kwargs):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any):
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
         with self._route(kwargs):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ enable / disable
     def _set_adapter_layers(self, enabled: bool = True) -> None:
-        # A layer with merged_route set runs as its plain base Linear; an empty route marks "disabled".
         for layer in lrp_layers(self.model).values():
-            if enabled and layer.merged_route is not None and len(layer.merged_route) == 0:
-                layer.merged_route = None
-            elif not enabled and layer.merged_route is None:
-                layer.merged_route = ()
+            layer.enabled = enabled
 
     def enable_adapter_layers(self) -> None:
         self._set_adapter_layers(True)
@@ -171,7 +179,7 @@ class PCLRModel(BaseTuner):
     def disable_adapter_layers(self) -> None:
         self._set_adapter_layers(False)
 
-    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found")
         self.active_adapter = adapter_name
@@ -179,12 +187,13 @@ class PCLRModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         raise NotImplementedError("PCLR holds one adapter per model")
 
-    def merge_and_unload(self, *args, **kwargs):
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
         raise NotImplementedError("a routed pool has no single merge; use FusedLRPLinear.merge(route) per task")
 
     # ------------------------------------------------------------------------------------------ state dict
     @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+    def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict,
+                                unwanted_adapter_names: Any) -> dict:
         return {k: v for k, v in state_dict.items() if is_lrp_key(k)}
 
     @classmethod
@@ -192,7 +201,8 @@ class PCLRModel(BaseTuner):
         return key  # LRP keys carry no adapter name
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                           state_dict: dict) -> dict:
         own = {k for k in model.state_dict() if is_lrp_key(k)}
         prefix = "base_model.model."
         out = {}
@@ -205,11 +215,12 @@ class PCLRModel(BaseTuner):
         return out
 
 
+def _after_load(module: PCLRModel, incompatible_keys: Any) -> None:
+    module._apply_inference_mode()
+
+
 def register() -> None:
     """Register PCLR with PEFT (idempotent; done on import of this module)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
     if PeftType.PCLR in PEFT_TYPE_TO_CONFIG_MAPPING and PEFT_TYPE_TO_TUNER_MAPPING.get(PeftType.PCLR) is PCLRModel:
         return
     register_peft_method(name="pclr", config_cls=PCLRConfig, model_cls=PCLRModel, prefix=PREFIX)

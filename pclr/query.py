@@ -1,4 +1,4 @@
-"""Per-sample routing queries for HF models (SPEC §1), computed once per forward from frozen features.
+"""Per-sample routing queries for HF models, computed once per forward from frozen features.
 
     q_text [B, d_t] = L2-normalised masked mean of the input embeddings of the instruction tokens (no transformer pass)
     q_vis  [B, d_v] = L2-normalised CLS token of the penultimate vision layer (mean of patches for towers without
@@ -21,65 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pclr.hf_anatomy import (
+    POOL_ATTR,
+    find_projector,
+    find_vision_tower,
+    infer_query_dims,
+    vision_blocks,
+    vision_has_cls,
+)
+from pclr.hf_anatomy import image_token_id as model_image_token_id
+from pclr.inject import lrp_pools
 from pclr.routing import RoutingState, current_routing, routing
 
-_VISION_ATTRS = ("vision_tower", "visual", "vision_model")
-
-
-def find_vision_tower(model: nn.Module) -> Optional[nn.Module]:
-    """The vision encoder of a multimodal model (``model.model.vision_tower`` for LLaVA, ``.visual`` for
-    Qwen2-VL), or None for a text-only model."""
-    for name, mod in model.named_modules():
-        if name.split(".")[-1] in _VISION_ATTRS:
-            return mod
-    return None
-
-
-def _vision_blocks(tower: nn.Module) -> nn.ModuleList:
-    """The encoder layer list of a vision tower (CLIP/SigLIP: encoder.layers, Qwen2-VL: blocks)."""
-    for attr in ("encoder.layers", "vision_model.encoder.layers", "blocks", "layers", "encoder.layer"):
-        try:
-            mod = tower.get_submodule(attr)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            return mod
-    raise ValueError(f"{type(tower).__name__}: cannot find the vision encoder layers (encoder.layers / blocks)")
-
-
-def _has_cls(tower: nn.Module) -> bool:
-    emb = getattr(tower, "embeddings", None) or getattr(getattr(tower, "vision_model", None), "embeddings", None)
-    return emb is not None and hasattr(emb, "class_embedding")
-
-
-def _vision_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "vision_config", None)
-
-
-def infer_query_dims(model: nn.Module) -> tuple[int, ...]:
-    """(d_text,) for a text-only model, (d_text, d_vision) for a multimodal one (d_vision = width of the vision
-    encoder layers, where the query's CLS is read)."""
-    d_text = model.get_input_embeddings().weight.shape[1]
-    tower = find_vision_tower(model)
-    if tower is None:
-        return (d_text,)
-    vcfg = _vision_config(model)
-    for attr in ("embed_dim", "hidden_size"):  # Qwen2-VL: blocks are embed_dim wide (hidden_size is the output)
-        d = getattr(vcfg, attr, None)
-        if isinstance(d, int):
-            return (d_text, d)
-    raise ValueError(f"{type(model).__name__}: cannot infer the vision query width from config.vision_config")
-
-
-def _image_token_id(model: nn.Module) -> Optional[int]:
-    cfg = getattr(model, "config", None)
-    for attr in ("image_token_id", "image_token_index"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int):
-            return v
-    return None
-
+__all__ = ["QueryExtractor", "find_vision_tower", "infer_query_dims"]
 
 class QueryExtractor:
     """Builds the per-sample query of every forward of ``model`` (see module docstring).
@@ -95,11 +49,9 @@ class QueryExtractor:
     query_dims=(d_text, d_vision).
     """
 
-    def __init__(self, model: nn.Module, image_token_id: Optional[int] = None, auto: bool = False):
+    def __init__(self, model: nn.Module, image_token_id: Optional[int] = None, auto: bool = False) -> None:
         self.model = model
-        self.image_token_id = image_token_id if image_token_id is not None else _image_token_id(model)
-        from pclr.inject import lrp_pools
-
+        self.image_token_id = image_token_id if image_token_id is not None else model_image_token_id(model)
         pools = list(lrp_pools(model).values())
         # an injected model fixes the parts (a text-only model may carry a zero vision part: (d_text, d_vision))
         self.query_dims = pools[0].query_dims if pools else infer_query_dims(model)
@@ -108,12 +60,10 @@ class QueryExtractor:
         self._grid: Optional[Tensor] = None  # Qwen2-VL: grid_thw [N_img, 3] of the current vision pass
         self._handles = []
         if self.tower is not None:
-            self._cls = _has_cls(self.tower)
-            blocks = _vision_blocks(self.tower)
+            self._cls = vision_has_cls(self.tower)
+            blocks = vision_blocks(self.tower)
             self._handles.append(self.tower.register_forward_pre_hook(self._tower_pre_hook, with_kwargs=True))
             self._handles.append(blocks[-2 if len(blocks) > 1 else -1].register_forward_hook(self._block_hook))
-        from pclr.inject import find_projector
-
         proj = find_projector(model)
         self.projector = proj[1] if proj is not None else None
         if self.projector is not None:
@@ -132,13 +82,13 @@ class QueryExtractor:
         self._handles = []
 
     # ------------------------------------------------------------------------------------------- vision hooks
-    def _tower_pre_hook(self, module, args, kwargs):
+    def _tower_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._features = []
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self._grid = grid if isinstance(grid, Tensor) else None
 
     @torch.no_grad()
-    def _block_hook(self, module, args, output):
+    def _block_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         h = output[0] if isinstance(output, (tuple, list)) else output
         h = h.detach()
         if h.dim() == 3:  # [N_img, 1 + P, d] (CLIP, SigLIP)
@@ -151,11 +101,9 @@ class QueryExtractor:
                 sizes = self._grid.prod(-1).tolist()
                 self._features.extend(c.float().mean(0) for c in torch.split(h, sizes, 0))
 
-    def _projector_pre_hook(self, module, args):
+    def _projector_pre_hook(self, module: nn.Module, args: tuple) -> None:
         """The projector sees one row per IMAGE ([N_img, P, d]), not per sample: give its key pool the route rows
         of the image-holding samples, in order, before its first LRP layer gates."""
-        from pclr.inject import POOL_ATTR
-
         pool, state = getattr(module, POOL_ATTR, None), current_routing()
         if pool is None or state is None or state is not self._active or id(pool) in state.cache or not args:
             return  # another extractor's (or a hand-made) routing context: not ours to fill
@@ -240,7 +188,7 @@ class QueryExtractor:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------- auto mode
-    def _auto_pre(self, module, args, kwargs):
+    def _auto_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if current_routing() is not None:
             self._auto_stack.append(None)
             return
@@ -255,7 +203,7 @@ class QueryExtractor:
         ctx.__enter__()
         self._auto_stack.append(ctx)
 
-    def _auto_post(self, module, args, output):
+    def _auto_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         ctx = self._auto_stack.pop() if self._auto_stack else None
         if ctx is not None:
             ctx.__exit__(None, None, None)

@@ -9,8 +9,8 @@ The gate result of each key pool is cached in the context, so a decoder layer's 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence, Union
 
 from torch import Tensor
 
@@ -24,7 +24,7 @@ class RoutingState:
     gates, which lets a hook complete it mid-forward (the vision CLS is known only after the vision tower ran).
     """
 
-    def __init__(self, query: Union[tuple[Tensor, ...], Callable[[], Sequence[Tensor]]]):
+    def __init__(self, query: tuple[Tensor, ...] | Callable[[], Sequence[Tensor]]):
         self._query = query
         self.cache: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -59,7 +59,7 @@ def _check_parts(query) -> tuple[Tensor, ...]:
 
 
 @contextmanager
-def routing(query: Union[Tensor, Sequence[Tensor], Callable[[], Sequence[Tensor]]]) -> Iterator[RoutingState]:
+def routing(query: Tensor | Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> Iterator[RoutingState]:
     """Route every key pool used inside the block by ``query``: [B, d_q] or a tuple of parts [B, d_p], or a
     callable returning them, resolved when the first key pool gates."""
     if callable(query) and not isinstance(query, Tensor):
@@ -73,7 +73,7 @@ def routing(query: Union[Tensor, Sequence[Tensor], Callable[[], Sequence[Tensor]
         _stack().pop()
 
 
-def current_routing() -> Optional[RoutingState]:
+def current_routing() -> RoutingState | None:
     """The innermost active routing context, or None."""
     stack = _stack()
     return stack[-1] if stack else None

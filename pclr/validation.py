@@ -12,16 +12,16 @@ device→host sync, so they run only in *validation mode*:
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-_mode: Optional[bool] = None
+_mode: bool | None = None
 
 
-def set_validation(enabled: Optional[bool]) -> None:
+def set_validation(enabled: bool | None) -> None:
     """Force value checks on (True) or off (False); None restores the default (env, then device rule)."""
     global _mode
     _mode = enabled
@@ -45,8 +45,8 @@ def validation_enabled(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def check_tensor(name: str, t, *, ndim: Optional[int] = None, shape: Optional[Sequence] = None,
-                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, device: Optional[torch.device] = None,
+def check_tensor(name: str, t, *, ndim: int | None = None, shape: Sequence | None = None,
+                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, device: torch.device | None = None,
                  expected: str = "") -> None:
     """Raise TypeError/ValueError naming ``name`` and the expected shape/dtype when ``t`` does not conform.
 

@@ -3,7 +3,6 @@ that compares a backend's output and EVERY gradient against the reference backen
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
@@ -16,15 +15,15 @@ class Case:
 
     x: torch.Tensor
     weight: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     A_m: torch.Tensor
     B_m: torch.Tensor
     idx: torch.Tensor
     val: torch.Tensor
-    A_s: Optional[torch.Tensor]
-    B_s: Optional[torch.Tensor]
-    sot: Optional[torch.Tensor]
-    trainable: Optional[torch.Tensor]
+    A_s: torch.Tensor | None
+    B_s: torch.Tensor | None
+    sot: torch.Tensor | None
+    trainable: torch.Tensor | None
     beta_m: float = 2.0
     beta_s: float = 0.5
 
@@ -87,7 +86,7 @@ def dense_lrp(c: Case) -> torch.Tensor:
 GRAD_NAMES = ("x", "A_m", "B_m", "val", "A_s", "B_s")
 
 
-def run_case(c: Case, backend: Optional[str], grad_out: Optional[torch.Tensor] = None, soft: bool = True):
+def run_case(c: Case, backend: str | None, grad_out: torch.Tensor | None = None, soft: bool = True):
     """Forward + backward through ``pclr.lrp_linear``; returns (y, {name: grad})."""
     leaves = {}
     for name in GRAD_NAMES:
@@ -95,7 +94,7 @@ def run_case(c: Case, backend: Optional[str], grad_out: Optional[torch.Tensor] =
         if t is None or (name == "val" and not soft):
             continue
         leaves[name] = t.detach().clone().requires_grad_(True)
-    get = lambda n: leaves.get(n, getattr(c, n))  # noqa: E731
+    get = lambda n: leaves.get(n, getattr(c, n))
     y = pclr.lrp_linear(get("x"), c.weight, c.bias, get("A_m"), get("B_m"), c.idx, get("val"),
                         A_s=get("A_s"), B_s=get("B_s"), beta_m=c.beta_m, beta_s=c.beta_s, sample_of_token=c.sot,
                         trainable=c.trainable, backend=backend)

@@ -16,30 +16,44 @@ import re
 
 import pytest
 import torch
+from lrp_cases import (
+    GRAD_NAMES,
+    Case,
+    assert_matches_reference,
+    dense_lrp,
+    make_case,
+    run_case,
+    with_,
+)
 
 import pclr
 from pclr import dispatch
 from pclr.backends import cuda as cuda_backend
 from pclr.backends import reference
-from pclr.dispatch import BackendUnavailableError, GateInputs
-from lrp_cases import GRAD_NAMES, Case, assert_matches_reference, dense_lrp, make_case, run_case, with_
+from pclr.backends.base import (
+    BackendUnavailableError,
+    GateInputs,
+    LinearInputs,
+    LinearNeeds,
+)
+from pclr.scoring import gate_scores
 
 OPS_CPP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "ops.cpp")
 
 # name -> make_case kwargs. T > 64 takes the tiled kernels, T <= 64 the single-launch decode kernel (forward).
 CASES = {
-    "padded_small": dict(B=3, L=5, d_in=16, d_out=12, n=10, r=4, n_s=2),
-    "T1": dict(B=1, L=1, d_in=33, d_out=17, n=8, r=3, n_s=2),
-    "T17_empty_sample": dict(B=3, lens=[5, 0, 12], d_in=33, d_out=47, n=12, r=5, n_s=2),
-    "T333_empty_sample": dict(B=4, lens=[100, 0, 133, 100], d_in=100, d_out=72, n=40, r=7, n_s=3),
-    "r1_ns0": dict(B=2, lens=[9, 8], d_in=24, d_out=20, n=6, r=1, n_s=0),
-    "r1_ns0_tiled": dict(B=2, lens=[90, 8], d_in=24, d_out=20, n=6, r=1, n_s=0),
-    "B_gt_half_T_decode": dict(B=12, lens=[2, 1, 1, 0, 1, 3, 1, 1, 0, 1, 2, 1], d_in=40, d_out=36, n=16, r=4, n_s=2),
-    "B_gt_half_T_tiled": dict(B=100, lens=[i % 3 for i in range(100)], d_in=48, d_out=40, n=30, r=3, n_s=2),
-    "padded_tiled": dict(B=2, L=70, d_in=64, d_out=64, n=20, r=6, n_s=4),
-    "R_over_tile": dict(B=2, lens=[70, 3], d_in=96, d_out=80, n=64, r=40, n_s=32),
-    "frozen_rows": dict(B=3, lens=[30, 50, 20], d_in=32, d_out=32, n=12, r=4, n_s=2, frozen=(0, 1, 2, 3, 4, 5)),
-    "no_bias": dict(B=2, L=3, d_in=8, d_out=8, n=5, r=2, n_s=1, bias=False),
+    "padded_small": {"B": 3, "L": 5, "d_in": 16, "d_out": 12, "n": 10, "r": 4, "n_s": 2},
+    "T1": {"B": 1, "L": 1, "d_in": 33, "d_out": 17, "n": 8, "r": 3, "n_s": 2},
+    "T17_empty_sample": {"B": 3, "lens": [5, 0, 12], "d_in": 33, "d_out": 47, "n": 12, "r": 5, "n_s": 2},
+    "T333_empty_sample": {"B": 4, "lens": [100, 0, 133, 100], "d_in": 100, "d_out": 72, "n": 40, "r": 7, "n_s": 3},
+    "r1_ns0": {"B": 2, "lens": [9, 8], "d_in": 24, "d_out": 20, "n": 6, "r": 1, "n_s": 0},
+    "r1_ns0_tiled": {"B": 2, "lens": [90, 8], "d_in": 24, "d_out": 20, "n": 6, "r": 1, "n_s": 0},
+    "B_gt_half_T_decode": {"B": 12, "lens": [2, 1, 1, 0, 1, 3, 1, 1, 0, 1, 2, 1], "d_in": 40, "d_out": 36, "n": 16, "r": 4, "n_s": 2},
+    "B_gt_half_T_tiled": {"B": 100, "lens": [i % 3 for i in range(100)], "d_in": 48, "d_out": 40, "n": 30, "r": 3, "n_s": 2},
+    "padded_tiled": {"B": 2, "L": 70, "d_in": 64, "d_out": 64, "n": 20, "r": 6, "n_s": 4},
+    "R_over_tile": {"B": 2, "lens": [70, 3], "d_in": 96, "d_out": 80, "n": 64, "r": 40, "n_s": 32},
+    "frozen_rows": {"B": 3, "lens": [30, 50, 20], "d_in": 32, "d_out": 32, "n": 12, "r": 4, "n_s": 2, "frozen": (0, 1, 2, 3, 4, 5)},
+    "no_bias": {"B": 2, "L": 3, "d_in": 8, "d_out": 8, "n": 5, "r": 2, "n_s": 1, "bias": False},
 }
 
 
@@ -116,9 +130,10 @@ class _inputs_stub:
 # ---------------------------------------------------------------------------------------------------------------
 def cpp_schemas() -> dict[str, str]:
     """name -> schema of every m.def(...) in csrc/ops.cpp (adjacent string literals joined)."""
-    src = open(OPS_CPP).read()
+    with open(OPS_CPP) as f:
+        src = f.read()
     out = {}
-    for body in re.findall(r"m\.def\((.*?)\);", src, flags=re.S):
+    for body in re.findall(r"m\.def\((.*?)\);", src, flags=re.DOTALL):
         schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
         out[schema.split("(", 1)[0]] = schema
     return out
@@ -138,14 +153,16 @@ def cpu_standin_ops(monkeypatch):
         lib.define(schema)
 
     def fwd(x, weight, bias, A_m, B_m, idx, val, A_s, B_s, sot, beta_m, beta_s, padded_len):
-        return reference._forward(x, weight, bias, A_m, B_m, idx, val, A_s, B_s, sot, None, beta_m, beta_s,
-                                  padded_len, False)
+        return reference.linear_forward(LinearInputs(x, weight, bias, A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s,
+                                                     sot, None, padded_len))
 
     def bwd(grad, x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len,
             need_x, need_pool, need_val, need_shared):
-        outs = reference._backward(grad, x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s,
-                                   padded_len, False, (need_x, need_pool, need_val, need_shared))
-        return tuple(x.new_empty(0) if o is None else o for o in outs)
+        inputs = LinearInputs(x, weight, None, A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s, sot, trainable,
+                              padded_len)
+        needs = LinearNeeds(x=need_x, A_m=need_pool, B_m=need_pool, val=need_val, A_s=need_shared, B_s=need_shared)
+        g = reference.linear_backward(grad, inputs, needs)
+        return tuple(x.new_empty(0) if o is None else o for o in (g.x, g.A_m, g.B_m, g.val, g.A_s, g.B_s))
 
     def gate(query, keys, weights, r, candidates, batch_scope, soft):
         return reference.gate(GateInputs(tuple(query), tuple(keys), tuple(weights), r, candidates,
@@ -287,13 +304,13 @@ def test_gpu_gate_matches_reference(ext, scope, mode, dtype, n, r):
     q, k = (q_t.to(dtype), q_v.to(dtype)), (k_t.to(dtype), k_v.to(dtype))
     cand = torch.rand(5, n, device="cuda") > 0.2
     cand[:, : r + 1] = True
-    kw = dict(weights=(1.0, 0.25), scope=scope, mode=mode)
+    kw = {"weights": (1.0, 0.25), "scope": scope, "mode": mode}
     for candidates in (None, cand):
         idx_c, val_c = pclr.lrp_gate(q, k, r, candidates=candidates, backend="cuda", **kw)
         idx_r, val_r = pclr.lrp_gate(q, k, r, candidates=candidates, backend="reference", **kw)
         assert idx_c.dtype == torch.int32 and val_c.dtype == torch.float32
         # the chosen experts' reference scores must equal the reference's top-r scores (robust to near ties)
-        score = reference.gate_scores(q, k, (1.0, 0.25))
+        score = gate_scores(q, k, (1.0, 0.25))
         rank = score if candidates is None else score.masked_fill(~candidates, float("-inf"))
         if scope == "batch":
             rank = rank.sum(0, keepdim=True).expand_as(score)
@@ -352,7 +369,7 @@ def test_gpu_cuda_graph_gate_and_forward(ext, lens):
         torch.cuda.synchronize()
         idx_ref, val_ref = pclr.lrp_gate(q_static, keys, r, backend="reference")
         # the graph's experts must be a top-r of the new scores (compared by score: robust to near ties) ...
-        score = reference.gate_scores((q_static,), (keys,), (1.0,))
+        score = gate_scores((q_static,), (keys,), (1.0,))
         torch.testing.assert_close(score.gather(1, idx_g.long()), score.gather(1, idx_ref.long()), atol=1e-4, rtol=0)
         # ... and the graph's output the LRP forward with exactly those experts
         y_ref = pclr.lrp_linear(c.x, c.weight, c.bias, c.A_m, c.B_m, idx_g.clone(), val_ref, A_s=c.A_s, B_s=c.B_s,

@@ -12,6 +12,7 @@ thing is for the GPU tests (tests/test_cuda_backend.py, marked ``gpu``).
 """
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import shutil
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pclr.options import DECODE_MAX_TOKENS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 KERNELS = sorted(glob.glob(os.path.join(CSRC, "kernels", "*.cu")))
@@ -31,6 +34,8 @@ ARCHS = ("80", "90")
 # torch builds extensions with these defined: the kernels must not rely on implicit half/bf16 conversions.
 TORCH_NVCC_DEFINES = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
+# the decode bound reaches the sources as setup.py passes it: from pclr.options, to both compilers
+DECODE_DEFINE = f"-DPCLR_DECODE_MAX_TOKENS={DECODE_MAX_TOKENS}"
 
 
 def _cuda_home():
@@ -65,7 +70,7 @@ def _torch_flags():
 
 
 def _run(cmd):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     return proc.returncode, " ".join(cmd), proc.stderr
 
 
@@ -83,14 +88,14 @@ def build(tmp_path_factory):
         for src in KERNELS:
             obj = str(out / (os.path.basename(src) + ".o"))
             jobs[src] = ([nvcc, "-std=c++17", "-O1", "-Xcompiler", "-fPIC", f"-I{CSRC}", *TORCH_NVCC_DEFINES,
-                          *gencode, "-c", src, "-o", obj], obj)
+                          DECODE_DEFINE, *gencode, "-c", src, "-o", obj], obj)
     if cxx is not None:
         includes, abi, _ = _torch_flags()
         for src in HOST_SOURCES:
             obj = str(out / (os.path.basename(src) + ".o"))
             # recent torch headers need C++20 (torch's own extension builds pass it); older ones compile with it too
-            jobs[src] = ([cxx, "-std=c++20", "-O0", "-fPIC", "-Wall", "-Werror=return-type", abi, *includes,
-                          "-c", src, "-o", obj], obj)
+            jobs[src] = ([cxx, "-std=c++20", "-O0", "-fPIC", "-Wall", "-Werror=return-type", abi, DECODE_DEFINE,
+                          *includes, "-c", src, "-o", obj], obj)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {src: pool.submit(_run, cmd) for src, (cmd, _) in jobs.items()}
         results = {src: (*f.result(), jobs[src][1]) for src, f in futures.items()}
@@ -104,6 +109,19 @@ def _check(build, source):
     assert rc == 0, f"{os.path.basename(source)} does not compile:\n{cmd}\n{stderr[-6000:]}"
     ours = [ln for ln in stderr.splitlines() if "warning" in ln and CSRC in ln]
     assert not ours, "warnings in csrc:\n" + "\n".join(ours)
+
+
+def test_setup_reads_the_python_decode_bound():
+    # setup.py's reader, run on its own (importing setup.py would run the build)
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "decode_max_tokens")
+    namespace = {"ast": ast, "os": os, "ROOT": ROOT}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), namespace)  # noqa: S102 (our own code)
+    assert namespace["decode_max_tokens"]() == DECODE_MAX_TOKENS
+    with open(os.path.join(CSRC, "pclr_ops.h")) as f:
+        header = f.read()
+    assert "constexpr int kDecodeMaxTokens = PCLR_DECODE_MAX_TOKENS;" in header
 
 
 def test_sources_exist():
@@ -165,6 +183,6 @@ def test_extension_links_loads_and_registers(build, tmp_path):
     assert rc == 0, f"link failed:\n{cmd}\n{err[-6000:]}"
     # the loader resolves every symbol at load time (ctypes uses RTLD_NOW): a launcher declared in pclr_ops.h but
     # defined nowhere fails here; Python's own symbols come from the running interpreter, as for any extension.
-    proc = subprocess.run([sys.executable, "-c", LOAD_CHECK, so], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHECK, so], capture_output=True, text=True, timeout=300, check=False,
                           cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-6000:]

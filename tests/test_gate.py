@@ -60,26 +60,26 @@ def test_zero_query_part_contributes_nothing():
     qt, kt, kv = torch.randn(2, 6), torch.randn(9, 6), torch.randn(9, 4)
     qv = torch.zeros(2, 4)  # no image
     idx_mm, _ = pclr.lrp_gate((qt, qv), (kt, kv), 4, weights=(1.0, 0.25), mode="soft")
-    idx_t, val_t = pclr.lrp_gate(qt, kt, 4, mode="soft")
+    idx_t, _val_t = pclr.lrp_gate(qt, kt, 4, mode="soft")
     assert torch.equal(idx_mm, idx_t)
 
 
 @pytest.mark.parametrize("bad, err, match", [
-    (dict(r=11), ValueError, "r \\(11\\) exceeds"),
-    (dict(r=0), ValueError, "r must be a positive int"),
-    (dict(scope="token"), ValueError, "scope"),
-    (dict(mode="gumbel"), ValueError, "mode"),
-    (dict(query=torch.randn(3, 7)), ValueError, "query\\[0\\]"),
-    (dict(keys=torch.randn(10, 8, dtype=torch.float64)), None, None),
-    (dict(candidates=torch.ones(9, dtype=torch.bool)), ValueError, "candidates"),
-    (dict(candidates=torch.ones(10)), TypeError, "candidates"),
-    (dict(query=torch.full((3, 8), float("nan"))), ValueError, "NaN"),
-    (dict(weights=(1.0, 2.0)), ValueError, "weights"),
+    ({"r": 11}, ValueError, "r \\(11\\) exceeds"),
+    ({"r": 0}, ValueError, "r must be a positive int"),
+    ({"scope": "token"}, ValueError, "scope"),
+    ({"mode": "gumbel"}, ValueError, "mode"),
+    ({"query": torch.randn(3, 7)}, ValueError, "query\\[0\\]"),
+    ({"keys": torch.randn(10, 8, dtype=torch.float64)}, None, None),
+    ({"candidates": torch.ones(9, dtype=torch.bool)}, ValueError, "candidates"),
+    ({"candidates": torch.ones(10)}, TypeError, "candidates"),
+    ({"query": torch.full((3, 8), float("nan"))}, ValueError, "NaN"),
+    ({"weights": (1.0, 2.0)}, ValueError, "weights"),
 ])
 def test_bad_gate_inputs(bad, err, match):
-    kw = dict(query=torch.randn(3, 8), keys=torch.randn(10, 8), r=3)
+    kw = {"query": torch.randn(3, 8), "keys": torch.randn(10, 8), "r": 3}
     kw.update(bad)
-    call = lambda: pclr.lrp_gate(kw.pop("query"), kw.pop("keys"), kw.pop("r"), **kw)  # noqa: E731
+    call = lambda: pclr.lrp_gate(kw.pop("query"), kw.pop("keys"), kw.pop("r"), **kw)
     if err is None:
         call()  # mixed precision parts are fine: scores are computed in fp32/fp64
     else:

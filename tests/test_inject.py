@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from pclr import FusedLRPLinear, KeyPool, LRPConfig
-from pclr.inject import (POOL_ATTR, decoder_layers, inject_lrp, load_lrp_state_dict, lrp_layers, lrp_pools,
-                         lrp_state_dict)
+from pclr.inject import (
+    POOL_ATTR,
+    decoder_layers,
+    inject_lrp,
+    load_lrp_state_dict,
+    lrp_layers,
+    lrp_pools,
+    lrp_state_dict,
+)
 from pclr.models.tiny import tiny_causal_lm, tiny_llava
 from pclr.query import QueryExtractor
 
@@ -116,6 +123,80 @@ def test_layers_option_injects_only_the_chosen_decoder_layers():
     layers = [n for n, _ in decoder_layers(b.model)]
     inject_lrp(b.model, CFG, projector=False, layers=range(-2, 0))
     assert list(lrp_pools(b.model)) == layers[-2:]
-    assert not any(n.startswith(tuple(l + "." for l in layers[:-2])) for n in lrp_layers(b.model))
+    assert not any(n.startswith(tuple(name + "." for name in layers[:-2])) for n in lrp_layers(b.model))
     with pytest.raises(ValueError, match="out of range"):
         inject_lrp(tiny_llava().model, CFG, layers=[99])
+
+
+def _grown_state(seed=0, hidden=32):
+    b = tiny_causal_lm(hidden=hidden, seed=seed)
+    inject_lrp(b.model, CFG)
+    for pool in lrp_pools(b.model).values():
+        pool.grow(6, task=0)
+    return lrp_state_dict(b.model)
+
+
+def _sizes(model):
+    return [p.n for p in lrp_pools(model).values()] + [layer.n for layer in lrp_layers(model).values()]
+
+
+@pytest.mark.parametrize("spoil, match", [
+    # one layer's pool rows disagree with its key pool: the layers before it must not have resized already
+    (lambda s: s.update({k: s[k][:4] for k in s if k.endswith("layers.1.mlp.down_proj.A_m")}), "rows|experts"),
+    (lambda s: s.update({k: s[k][:4] for k in s if k.endswith("layers.1.lrp_key_pool.keys.0")}), "shape"),
+    (lambda s: s.update({k: s[k][:, :8] for k in s if k.endswith("layers.1.lrp_key_pool.keys.0")}), "keys.0"),
+    (lambda s: s.update({k: s[k][:4] for k in s if ".layers.1.lrp_key_pool." in k}), "experts"),
+])
+def test_model_load_is_all_or_nothing(spoil, match):
+    state = _grown_state()
+    spoil(state)
+    b = tiny_causal_lm()
+    inject_lrp(b.model, CFG)
+    for pool in lrp_pools(b.model).values():
+        pool.grow(2)
+    before = _sizes(b.model)
+    with pytest.raises(ValueError, match=match):
+        load_lrp_state_dict(b.model, state)
+    assert _sizes(b.model) == before
+
+
+def test_state_of_another_hidden_size_fails_clearly():
+    state = _grown_state(hidden=48)
+    b = tiny_causal_lm()
+    inject_lrp(b.model, CFG)
+    with pytest.raises(ValueError, match="another width"):
+        load_lrp_state_dict(b.model, state)
+    assert all(n == 0 for n in _sizes(b.model))
+
+
+def test_inject_and_query_do_not_import_each_other():
+    import subprocess
+    import sys
+
+    code = "import sys, pclr.inject; assert 'pclr.query' not in sys.modules, 'inject pulled in query'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_whole_model_state_of_a_merged_layer_is_unmerged():
+    torch.manual_seed(0)
+    b = tiny_causal_lm()
+    inject_lrp(b.model, CFG)
+    for pool in lrp_pools(b.model).values():
+        pool.grow(4)
+    for layer in lrp_layers(b.model).values():
+        torch.nn.init.normal_(layer.B_m, std=0.3)
+    ids = torch.tensor([[2, 5, 20, 22, 6, 7]])
+    with torch.no_grad(), QueryExtractor(b.model).route(ids):
+        ref = b.model(input_ids=ids).logits
+    name, layer = next(iter(lrp_layers(b.model).items()))
+    w0 = layer.weight.detach().clone()
+    layer.merge((torch.tensor([0, 1]), torch.ones(2)))
+    state = b.model.state_dict()
+    assert torch.equal(state[f"{name}.base_layer.weight"], w0)
+    other = tiny_causal_lm(seed=1)
+    inject_lrp(other.model, CFG)
+    other.model.load_state_dict(state)
+    with torch.no_grad(), QueryExtractor(other.model).route(ids):
+        torch.testing.assert_close(other.model(input_ids=ids).logits, ref, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        b.model.load_state_dict(state)

@@ -58,12 +58,12 @@ def test_layer_gate_computed_once_per_forward(monkeypatch):
     monkeypatch.setattr(pool, "gate", lambda q: calls.append(1) or orig(q))
     x = torch.randn(2, 4, 16)
     with pclr.routing(_query(2)):
-        for l in layers:
-            x = l(x)
+        for layer in layers:
+            x = layer(x)
     assert len(calls) == 1
-    assert all(l.n == 10 for l in layers)
+    assert all(layer.n == 10 for layer in layers)
     pool.grow(5)
-    assert all(l.n == 15 and l.trainable.sum() == 15 for l in layers)
+    assert all(layer.n == 15 and layer.trainable.sum() == 15 for layer in layers)
     assert "key_pool" not in dict(layers[0].named_modules())  # shared pool is not duplicated in the state
 
 
@@ -203,3 +203,185 @@ def test_config_round_trips_through_dict():
     cfg = pclr.LRPConfig(r=8, query_weights=[1.0, 0.5], target_modules=["q_proj"])
     assert pclr.LRPConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.beta_m == 128 / 8 and cfg.beta_s(0) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- merged state
+def _merged_pair():
+    torch.manual_seed(0)
+    layer = _layer(bias=False)
+    route = layer.key_pool.gate(_query(1))
+    return layer, route
+
+
+def test_merged_state_dict_holds_the_unmerged_weight():
+    layer, route = _merged_pair()
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(1, 5, 16)
+    y = layer(x, route=route)
+    layer.merge(route)
+    state = layer.state_dict()
+    assert torch.equal(state["base_layer.weight"], w0)  # the delta is not baked into the saved W
+    fresh = _layer(bias=False)
+    fresh.load_state_dict(state)
+    assert not fresh.merged
+    torch.testing.assert_close(fresh(x, route=route), y)  # the delta is applied once, not twice
+    fresh.merge(route)
+    torch.testing.assert_close(fresh(x), y)
+
+
+def test_unmerge_restores_the_weight_bit_for_bit():
+    layer, route = _merged_pair()
+    w0 = layer.weight.detach().clone()
+    layer.merge(route)
+    assert not torch.equal(layer.weight, w0)
+    with torch.no_grad():
+        layer.B_m.mul_(3.0)  # an edit while merged must not make unmerge restore another W
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda idx, val: (idx.expand(3, -1), val.expand(3, -1)), "exactly one route"),
+    (lambda idx, val: (torch.full_like(idx, -1), val), r"\[0, 10\)"),
+    (lambda idx, val: (torch.full_like(idx, 10), val), r"\[0, 10\)"),
+    (lambda idx, val: (idx, val[:, :2]), "shape of idx"),
+    (lambda idx, val: (idx.float(), val), "integer"),
+    (lambda idx, val: (idx, torch.full_like(val, float("nan"))), "finite"),
+])
+def test_merge_accepts_exactly_one_valid_route(make, match):
+    layer, (idx, val) = _merged_pair()
+    w0 = layer.weight.detach().clone()
+    with pytest.raises((ValueError, TypeError), match=match):
+        layer.merge(make(idx, val))
+    assert not layer.merged and torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("op", [
+    lambda layer: layer.grow(2),
+    lambda layer: layer.prune(torch.arange(5)),
+    lambda layer: layer.freeze(),
+    lambda layer: layer.key_pool.freeze(torch.arange(2)),
+    lambda layer: layer.add_shared(2),
+    lambda layer: layer.load_state_dict(_layer(bias=False).state_dict()),
+    lambda layer: layer.merge(layer.merged_route),
+])
+def test_pool_surgery_refused_while_merged(op):
+    layer, route = _merged_pair()
+    layer.merge(route)
+    n, n_s = layer.n, layer.n_shared
+    with pytest.raises(RuntimeError, match="unmerge"):
+        op(layer)
+    assert (layer.n, layer.n_shared, layer.key_pool.n) == (n, n_s, n)
+
+
+# ----------------------------------------------------------------------------------------------- pool surgery
+@pytest.mark.parametrize("args, kwargs, err, match", [
+    ((2,), dict(copy_from=[0, 1, 2]), ValueError, "copy_from"),
+    ((2,), dict(copy_from=[0, 99]), ValueError, "copy_from"),
+    ((-3,), {}, ValueError, "n_new"),
+    ((2.5,), {}, TypeError, "n_new"),
+])
+def test_grow_rejects_bad_arguments_and_changes_nothing(args, kwargs, err, match):
+    pool = KeyPool((8,), pclr.LRPConfig(r=2), n=10)
+    a, b = (FusedLRPLinear.from_linear(nn.Linear(16, 16), key_pool=pool) for _ in range(2))
+    with pytest.raises(err, match=match):
+        pool.grow(*args, **kwargs)
+    with pytest.raises(err, match=match):
+        a.grow(*args, **kwargs)
+    assert pool.n == a.n == b.n == 10 and a.trainable.shape == (10,) and pool.trainable.shape == (10,)
+
+
+def test_layer_load_of_another_width_fails_before_changing_anything():
+    dst = _layer(n=3)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    src = FusedLRPLinear.from_linear(nn.Linear(20, 12), pclr.LRPConfig(r=4, n_shared=2), query_dims=(8, 6))
+    src.grow(7)
+    with pytest.raises(ValueError, match="A_m"):
+        dst.load_state_dict(src.state_dict())
+    after = dst.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_key_pool_load_of_other_query_dims_fails_before_changing_anything():
+    dst = KeyPool((8, 6), n=2)
+    with pytest.raises(ValueError, match="keys.1"):
+        dst.load_state_dict(KeyPool((8, 5), n=7).state_dict())
+    assert dst.n == 2 and dst.keys[1].shape == (2, 6)
+    with pytest.raises(ValueError, match="query part"):
+        dst.load_state_dict(KeyPool((8, 6, 4), n=7).state_dict())
+    assert dst.n == 2
+
+
+def test_layer_sharing_a_pool_cannot_load_another_pool_size():
+    pool = KeyPool((8,), pclr.LRPConfig(r=2), n=10)
+    layer = FusedLRPLinear.from_linear(nn.Linear(16, 16), key_pool=pool)
+    other = FusedLRPLinear.from_linear(nn.Linear(16, 16), pclr.LRPConfig(r=2), query_dims=(8,))
+    other.grow(12)
+    state = {k: v for k, v in other.state_dict().items() if not k.startswith("own_key_pool.")}
+    with pytest.raises(ValueError, match="key pool"):
+        layer.load_state_dict(state)
+    assert layer.n == pool.n == 10
+    with pytest.raises(ValueError, match="attached layer"):
+        pool.load_state_dict(KeyPool((8,), pclr.LRPConfig(r=2), n=12).state_dict())
+    assert layer.n == pool.n == 10
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_shared_rank_trainability_survives_a_reload(trainable):
+    src = _layer()
+    src.A_s.requires_grad_(trainable)
+    src.B_s.requires_grad_(trainable)
+    dst = _layer(n=3, n_s=0)
+    dst.load_state_dict(src.state_dict())
+    assert dst.n_shared == 2 and dst.A_s.requires_grad is trainable and dst.B_s.requires_grad is trainable
+
+
+def test_state_saved_without_the_shared_flag_still_loads():
+    src = _layer()
+    state = {k: v for k, v in src.state_dict().items() if k != "shared_trainable"}
+    dst = _layer(n=3, n_s=0)
+    dst.load_state_dict(state)
+    assert dst.n == 10 and dst.n_shared == 2
+
+
+# ----------------------------------------------------------------------------------------------- frozen rows
+@pytest.mark.parametrize("momentum_before_freeze", [False, True])
+def test_frozen_rows_bit_identical_under_default_adamw(momentum_before_freeze):
+    """torch's default AdamW (weight_decay=0.01), created before freeze() and kept across it."""
+    layer = _layer(n=8)
+    layer.key_pool.config.gate_mode = "soft"
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)  # the own key pool is a child: its keys are in
+
+    def step():
+        with pclr.routing(_query()):
+            loss = layer(torch.randn(3, 5, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    if momentum_before_freeze:
+        step()  # every row now carries AdamW momentum
+    layer.freeze(torch.arange(4))
+    layer.A_s.requires_grad_(False)
+    layer.B_s.requires_grad_(False)
+    before = [t.detach().clone() for t in (layer.A_m, layer.B_m, layer.key_pool.keys[0], layer.A_s, layer.B_s)]
+    for _ in range(3):
+        step()
+    a_m, b_m, k0, a_s, b_s = before
+    assert torch.equal(layer.A_m[:4], a_m[:4]) and torch.equal(layer.B_m[:4], b_m[:4])
+    assert torch.equal(layer.key_pool.keys[0][:4], k0[:4])
+    assert torch.equal(layer.A_s, a_s) and torch.equal(layer.B_s, b_s)
+    assert not torch.equal(layer.A_m[4:], a_m[4:]) and not torch.equal(layer.key_pool.keys[0][4:], k0[4:])
+
+
+def test_frozen_rows_guard_follows_a_deepcopy():
+    import copy
+
+    layer = _layer(n=6)
+    layer.freeze(torch.arange(3))
+    twin = copy.deepcopy(layer)
+    opt = torch.optim.SGD([twin.A_m], lr=0.1, weight_decay=0.5)
+    before = twin.A_m.detach().clone()
+    twin.A_m.grad = torch.ones_like(twin.A_m)
+    opt.step()
+    assert torch.equal(twin.A_m[:3], before[:3]) and not torch.equal(twin.A_m[3:], before[3:])

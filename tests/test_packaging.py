@@ -26,4 +26,4 @@ def test_public_api_exports_resolve():
 
     for name in pclr.__all__:
         assert getattr(pclr, name) is not None, name
-    assert callable(pclr.backends) and callable(pclr.inject_lrp) and callable(pclr.CILTrainer)
+    assert callable(pclr.available_backends) and callable(pclr.inject_lrp) and callable(pclr.CILTrainer)

@@ -10,7 +10,6 @@ from pclr.models.tiny import tiny_causal_lm, tiny_llava, tiny_qwen2_vl
 from pclr.query import QueryExtractor
 
 
-
 def _llava():
     b = tiny_llava()
     inject_lrp(b.model, LRPConfig(r=2, alpha=4.0, budget=8))

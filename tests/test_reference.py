@@ -1,18 +1,24 @@
 """The reference backend against an independent dense computation, and float64 gradcheck of every input."""
 import pytest
 import torch
+from lrp_cases import (
+    GRAD_NAMES,
+    assert_matches_reference,
+    dense_lrp,
+    make_case,
+    run_case,
+)
 
 import pclr
-from lrp_cases import GRAD_NAMES, assert_matches_reference, dense_lrp, make_case, run_case
 
 SHAPES = [
-    dict(),
-    dict(B=1, L=1, d_in=7, d_out=5, n=3, r=1, n_s=0),
-    dict(B=4, L=17, d_in=33, d_out=19, n=40, r=8, n_s=3),
-    dict(packed=True),
-    dict(lens=[3, 0, 7, 1]),
-    dict(B=5, lens=[1, 1, 0, 1, 1]),  # B > T/2
-    dict(bias=False, n_s=0),
+    {},
+    {"B": 1, "L": 1, "d_in": 7, "d_out": 5, "n": 3, "r": 1, "n_s": 0},
+    {"B": 4, "L": 17, "d_in": 33, "d_out": 19, "n": 40, "r": 8, "n_s": 3},
+    {"packed": True},
+    {"lens": [3, 0, 7, 1]},
+    {"B": 5, "lens": [1, 1, 0, 1, 1]},  # B > T/2
+    {"bias": False, "n_s": 0},
 ]
 
 
@@ -27,7 +33,7 @@ def test_reference_equals_dense_float64(kw):
 @pytest.mark.parametrize("kw", SHAPES[:5], ids=[str(k) for k in SHAPES[:5]])
 def test_reference_gradients_equal_dense_autograd(kw):
     c = make_case(dtype=torch.float64, soft=True, **kw)
-    y, grads = run_case(c, "reference")
+    _y, grads = run_case(c, "reference")
     leaves = {n: getattr(c, n).detach().clone().requires_grad_(True) for n in grads}
     from dataclasses import replace
     yd = dense_lrp(replace(c, **leaves))

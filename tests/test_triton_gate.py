@@ -8,8 +8,11 @@ import torch
 
 import pclr
 from pclr import dispatch
+from pclr.backends.base import GateInputs
 
 triton_backend = pytest.importorskip("pclr.backends.triton")
+if triton_backend.IMPORT_ERROR is None:
+    from pclr.backends.triton import configs
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +105,7 @@ def test_gate_soft_gradients_reach_query_and_keys():
     for be in ("reference", "triton"):
         q = tuple(t.clone().requires_grad_(True) for t in q0)
         k = tuple(t.clone().requires_grad_(True) for t in k0)
-        idx, val = pclr.lrp_gate(q, k, r, weights=(1.0, 0.25), mode="soft", backend=be)
+        _idx, val = pclr.lrp_gate(q, k, r, weights=(1.0, 0.25), mode="soft", backend=be)
         (val * torch.arange(1, r + 1, device=DEVICE)).sum().backward()
         grads[be] = [t.grad for t in q + k]
     for got, ref in zip(grads["triton"], grads["reference"]):
@@ -114,7 +117,7 @@ def test_gate_hard_values_are_constants():
     # keys are parameters in a model: a hard gate must not route a backward into the (non-differentiable) kernel
     q, k = _problem(2, 12, (8,), seed=9)
     kp = k[0].clone().requires_grad_(True)
-    idx, val = pclr.lrp_gate(q[0], kp, 3, backend="triton")
+    _idx, val = pclr.lrp_gate(q[0], kp, 3, backend="triton")
     assert not val.requires_grad and torch.equal(val, torch.ones_like(val))
 
 
@@ -145,14 +148,14 @@ def test_gate_fake_shapes():
 
     with FakeTensorMode() as mode:
         fq, fk = mode.from_tensor(q[0]), mode.from_tensor(k[0])
-        idx, val = triton_backend.lrp_gate_op([fq], [fk], [1.0], 5, None, "sample", "hard")
+        idx, val = torch.ops.pclr.triton_lrp_gate([fq], [fk], [1.0], 5, None, "sample", "hard")
     assert idx.shape == (3, 5) and idx.dtype == torch.int32 and val.dtype == torch.float32
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gate_half_inputs_gpu(dtype):
-    # large shapes of the limits, half-precision parts: compare the chosen scores, not indices (near ties)
+    # the largest supported shapes (n = 4096, d up to 4096), half-precision parts: compare the chosen scores, not indices (near ties)
     q, k = _problem(8, 4096, (4096, 1024), seed=7, dtype=dtype)
     (idx, val), (idx_r, val_r) = _both(q, k, 256, weights=(1.0, 0.25), mode="soft")
     torch.testing.assert_close(val, val_r, atol=1e-3, rtol=1e-3)
@@ -162,13 +165,13 @@ def test_gate_half_inputs_gpu(dtype):
 def test_not_supported_reasons_are_plain(monkeypatch):
     be = triton_backend.BACKEND
     q, k = _problem(2, 8, (4,), device="cpu")
-    inputs = dispatch.GateInputs(query=q, keys=k, weights=(1.0,), r=2, candidates=None, scope="sample", mode="hard")
-    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    inputs = GateInputs(query=q, keys=k, weights=(1.0,), r=2, candidates=None, scope="sample", mode="hard")
+    monkeypatch.setattr(configs, "INTERPRET", False)
     why = be.not_supported_reasons("lrp_gate", inputs)
     assert any("triton needs CUDA tensors (or TRITON_INTERPRET=1" in w for w in why)
-    monkeypatch.setattr(triton_backend, "INTERPRET", True)
+    monkeypatch.setattr(configs, "INTERPRET", True)
     assert be.not_supported_reasons("lrp_gate", inputs) == []
-    assert triton_backend._dtype_reasons("keys[0]", torch.float64, torch.device("cpu")) == []  # interpreter: numpy
-    assert any("float64" in w for w in triton_backend._dtype_reasons("keys[0]", torch.float64, torch.device("cuda")))
-    assert any("int64" in w for w in triton_backend._dtype_reasons("keys[0]", torch.int64, torch.device("cuda")))
+    assert triton_backend.dtype_reasons("keys[0]", torch.float64, torch.device("cpu")) == []  # interpreter: numpy
+    assert any("float64" in w for w in triton_backend.dtype_reasons("keys[0]", torch.float64, torch.device("cuda")))
+    assert any("int64" in w for w in triton_backend.dtype_reasons("keys[0]", torch.int64, torch.device("cuda")))
     assert os.environ.get("TRITON_INTERPRET") or torch.cuda.is_available()

@@ -8,12 +8,16 @@ import os
 
 import pytest
 import torch
+from lrp_cases import assert_matches_reference, make_case, run_case, with_
 
 import pclr
 from pclr import dispatch
-from lrp_cases import assert_matches_reference, make_case, run_case, with_
+from pclr.backends.base import LinearInputs
+from pclr.backends.reference import effective_rows
 
 triton_backend = pytest.importorskip("pclr.backends.triton")
+if triton_backend.IMPORT_ERROR is None:
+    from pclr.backends.triton import configs, linear, one_pass, segments
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,9 +26,10 @@ ERRORS: dict = {}  # largest abs error vs reference per (variant, quantity), pri
 
 
 @pytest.fixture
-def variant(request, monkeypatch):
-    monkeypatch.setenv("PCLR_TRITON_FWD", request.param)
-    return request.param
+def variant(request):
+    pclr.set_forward_variant(request.param)
+    yield request.param
+    pclr.set_forward_variant(None)
 
 
 def _record(tag, errs):
@@ -35,14 +40,14 @@ def _record(tag, errs):
 # T = B·L (padded) or Σ lens (packed). Decode-sized batches (T ≤ 64, few samples) take the single-launch path of the
 # fused and epilogue variants; the others go through the token tile map.
 CASES = {
-    "T1": dict(B=1, L=1, d_in=16, d_out=12),
-    "T17_padded": dict(B=1, L=17, d_in=21, d_out=19, n=9, r=3),
-    "T17_packed_zero_sample": dict(lens=[5, 0, 12], d_in=37, d_out=29, frozen=(0, 4)),
-    "r1_ns0": dict(B=2, L=9, n=6, r=1, n_s=0, d_in=18, d_out=23),
-    "B_gt_half_T": dict(lens=[2, 1, 1, 3, 1, 0, 2, 1, 1, 1, 2, 1, 2, 1, 1, 2, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 2, 1,
-                             2, 1, 2, 1, 1, 1, 1, 2, 1, 1], d_in=20, d_out=24, n=12, r=3, soft=True),
-    "T333_varlen": dict(lens=[150, 0, 1, 182], d_in=45, d_out=70, n=17, r=5, n_s=3, frozen=(1, 2, 3, 5, 8), soft=True),
-    "padded_tiles_nobias": dict(B=3, L=70, d_in=33, d_out=66, n=8, r=4, bias=False),
+    "T1": {"B": 1, "L": 1, "d_in": 16, "d_out": 12},
+    "T17_padded": {"B": 1, "L": 17, "d_in": 21, "d_out": 19, "n": 9, "r": 3},
+    "T17_packed_zero_sample": {"lens": [5, 0, 12], "d_in": 37, "d_out": 29, "frozen": (0, 4)},
+    "r1_ns0": {"B": 2, "L": 9, "n": 6, "r": 1, "n_s": 0, "d_in": 18, "d_out": 23},
+    "B_gt_half_T": {"lens": [2, 1, 1, 3, 1, 0, 2, 1, 1, 1, 2, 1, 2, 1, 1, 2, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 2, 1,
+                             2, 1, 2, 1, 1, 1, 1, 2, 1, 1], "d_in": 20, "d_out": 24, "n": 12, "r": 3, "soft": True},
+    "T333_varlen": {"lens": [150, 0, 1, 182], "d_in": 45, "d_out": 70, "n": 17, "r": 5, "n_s": 3, "frozen": (1, 2, 3, 5, 8), "soft": True},
+    "padded_tiles_nobias": {"B": 3, "L": 70, "d_in": 33, "d_out": 66, "n": 8, "r": 4, "bias": False},
 }
 
 
@@ -54,17 +59,14 @@ def test_linear_matches_reference(variant, name):
 
 
 @pytest.mark.parametrize("variant", ["fused", "epilogue"], indirect=True)
-def test_decode_and_tile_paths_agree(variant):
+def test_decode_and_tile_paths_agree(variant, monkeypatch):
     # same tokens, once small enough for the single-launch decode path, once forced through the tile map
     c = make_case(lens=[1, 1, 1, 1, 1, 1, 1, 1], d_in=40, d_out=24, device=DEVICE, seed=11, soft=True)
-    assert triton_backend._decode_block_m(8, 8) > 0
+    assert segments.decode_block_m(8, 8) > 0
     y_dec, _ = run_case(c, "triton")
-    old = triton_backend.DECODE_MAX_T
-    triton_backend.DECODE_MAX_T = 0
-    try:
-        y_tile, _ = run_case(c, "triton")
-    finally:
-        triton_backend.DECODE_MAX_T = old
+    monkeypatch.setattr(segments, "DECODE_MAX_TOKENS", 0)
+    assert segments.decode_block_m(8, 8) == 0
+    y_tile, _ = run_case(c, "triton")
     y_ref, _ = run_case(c, "reference")
     torch.testing.assert_close(y_dec, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_tile, y_ref, atol=1e-5, rtol=1e-5)
@@ -143,13 +145,28 @@ def test_compile_fullgraph_through_triton_ops():
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_env_variant_is_validated(monkeypatch):
-    monkeypatch.setenv("PCLR_TRITON_FWD", "bogus")
-    with pytest.raises(ValueError, match="PCLR_TRITON_FWD"):
-        triton_backend.forward_variant(10, 2, 16, 16, 8)
-    monkeypatch.setenv("PCLR_TRITON_FWD", "auto")
-    assert triton_backend.forward_variant(8, 8, 4096, 4096, 96) == "fused"
-    assert triton_backend.forward_variant(4096, 8, 4096, 4096, 96) == "epilogue"
+def test_variant_is_validated_and_auto_picks_by_shape():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        linear.forward_variant(10, 16, "bogus")
+    assert linear.forward_variant(8, 4096, "auto") == "fused"
+    assert linear.forward_variant(4096, 4096, "auto") == "epilogue"
+    assert linear.forward_variant(4096, 4096, "split") == "split"
+
+
+def test_variant_option_selects_the_variant(monkeypatch):
+    # the explicit option reaches the triton forward, with no environment variable involved
+    monkeypatch.delenv("PCLR_TRITON_FWD", raising=False)
+    ran = []
+    real = linear.forward_variant
+    monkeypatch.setattr(linear, "forward_variant", lambda T, d_out, requested: ran.append(real(T, d_out, requested))
+                        or ran[-1])
+    c = make_case(lens=[3, 5], d_in=16, d_out=12, device=DEVICE, seed=2)
+    args = (c.x, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val)
+    kw = {"sample_of_token": c.sot, "backend": "triton"}
+    ys = [pclr.lrp_linear(*args, variant=v, **kw) for v in ("split", "epilogue", "fused")]
+    assert ran == ["split", "epilogue", "fused"]
+    for y in ys[1:]:
+        torch.testing.assert_close(y, ys[0], atol=1e-5, rtol=1e-5)
 
 
 def test_segment_tokens_covers_each_token_once():
@@ -157,7 +174,7 @@ def test_segment_tokens_covers_each_token_once():
     lens = [0, 5, 33, 1, 0, 16, 17]
     sot = torch.cat([torch.full((c,), b, dtype=torch.int32) for b, c in enumerate(lens)])
     sot = sot[torch.randperm(sot.numel(), generator=g)]
-    tiles = triton_backend.segment_tokens(sot, len(lens), 0, 16)
+    tiles = segments.segment_tokens(sot, len(lens), 0, 16)
     seen = torch.zeros(sot.numel(), dtype=torch.int64)
     for s, a, e in zip(tiles.tile_sample.tolist(), tiles.tile_start.tolist(), tiles.tile_end.tolist()):
         assert e - a <= 16
@@ -170,13 +187,13 @@ def test_segment_tokens_covers_each_token_once():
 def test_not_supported_reasons_linear(monkeypatch):
     be = triton_backend.BACKEND
     c = make_case(packed=True, seed=1)
-    inputs = dispatch.LinearInputs(x=c.x, weight=c.weight, bias=c.bias, A_m=c.A_m, B_m=c.B_m, idx=c.idx, val=c.val,
+    inputs = LinearInputs(x=c.x, weight=c.weight, bias=c.bias, A_m=c.A_m, B_m=c.B_m, idx=c.idx, val=c.val,
                                    A_s=c.A_s, B_s=c.B_s, beta_m=1.0, beta_s=1.0, sample_of_token=c.sot,
                                    trainable=None)
-    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    monkeypatch.setattr(configs, "INTERPRET", False)
     assert be.not_supported_reasons("lrp_linear", inputs) == [
         "triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"]
-    monkeypatch.setattr(triton_backend, "INTERPRET", True)
+    monkeypatch.setattr(configs, "INTERPRET", True)
     assert be.not_supported_reasons("lrp_linear", inputs) == []
     inputs.x = c.x.double()
     assert be.not_supported_reasons("lrp_linear", inputs) == []  # the interpreter computes fp64 (numpy)
@@ -191,8 +208,6 @@ def test_not_supported_reasons_linear(monkeypatch):
 
 def _torch_same_dtype(c):
     """The unfused torch formulation computed in the case's own dtype (the error budget for half precision)."""
-    from pclr.backends.reference import effective_rows
-
     i = c.idx.long()
     y = c.x @ c.weight.T + (c.bias if c.bias is not None else 0)
     A_eff, B_eff, scale, _ = effective_rows(c.A_m, c.B_m, c.idx, c.val, c.A_s, c.B_s, c.beta_m, c.beta_s, c.x.dtype)
@@ -210,10 +225,10 @@ def _torch_same_dtype(c):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [dict(B=4, L=300, d_in=512, d_out=384, n=64, r=16, n_s=8),
-                                   dict(lens=[1] * 8, d_in=1024, d_out=1024, n=256, r=64, n_s=32),
-                                   dict(lens=[700, 0, 3, 325], d_in=768, d_out=1000, n=100, r=20, n_s=4,
-                                        frozen=tuple(range(50)), soft=True)])
+@pytest.mark.parametrize("shape", [{"B": 4, "L": 300, "d_in": 512, "d_out": 384, "n": 64, "r": 16, "n_s": 8},
+                                   {"lens": [1] * 8, "d_in": 1024, "d_out": 1024, "n": 256, "r": 64, "n_s": 32},
+                                   {"lens": [700, 0, 3, 325], "d_in": 768, "d_out": 1000, "n": 100, "r": 20, "n_s": 4,
+                                        "frozen": tuple(range(50)), "soft": True}])
 def test_half_precision_rule_gpu(variant, dtype, shape):
     c32 = make_case(**shape, device="cuda", seed=21)
     c = with_(c32, **{k: (getattr(c32, k).to(dtype) if getattr(c32, k) is not None and k not in ("idx", "sot", "val",
@@ -239,7 +254,7 @@ def test_half_precision_rule_gpu(variant, dtype, shape):
 def test_dispatch_picks_triton_on_cuda(monkeypatch):
     monkeypatch.delenv("PCLR_BACKEND", raising=False)
     c = make_case(lens=[5, 7], device="cuda", seed=2)
-    inputs = dispatch.LinearInputs(x=c.x, weight=c.weight, bias=c.bias, A_m=c.A_m, B_m=c.B_m, idx=c.idx, val=c.val,
+    inputs = LinearInputs(x=c.x, weight=c.weight, bias=c.bias, A_m=c.A_m, B_m=c.B_m, idx=c.idx, val=c.val,
                                    A_s=c.A_s, B_s=c.B_s, beta_m=1.0, beta_s=1.0, sample_of_token=c.sot,
                                    trainable=None)
     assert dispatch.select("lrp_linear", inputs).name in ("cuda", "triton")
@@ -285,15 +300,24 @@ def _gate_problem(B, n, dims, seed):
 
 
 ONE_PASS_CASES = {
-    "decode_soft_two_parts": (dict(lens=[1, 1, 0, 1], d_in=24, d_out=20, n=14, r=4), (16, 8), "soft", False),
-    "packed_tiles_candidates": (dict(lens=[40, 0, 77, 3], d_in=35, d_out=26, n=20, r=5, n_s=3, frozen=(1, 7)),
+    "decode_soft_two_parts": ({"lens": [1, 1, 0, 1], "d_in": 24, "d_out": 20, "n": 14, "r": 4}, (16, 8), "soft", False),
+    "packed_tiles_candidates": ({"lens": [40, 0, 77, 3], "d_in": 35, "d_out": 26, "n": 20, "r": 5, "n_s": 3, "frozen": (1, 7)},
                                 (12, 6), "hard", True),
-    "padded_one_part_r1_ns0": (dict(B=2, L=70, d_in=19, d_out=33, n=9, r=1, n_s=0), (10,), "soft", False),
+    "padded_one_part_r1_ns0": ({"B": 2, "L": 70, "d_in": 19, "d_out": 33, "n": 9, "r": 1, "n_s": 0}, (10,), "soft", False),
 }
 
 
+@pytest.fixture
+def one_launches(monkeypatch):
+    """Counts the launches of the one-pass kernel."""
+    count = []
+    real = one_pass.launch_one_pass
+    monkeypatch.setattr(one_pass, "launch_one_pass", lambda inputs: count.append(1) or real(inputs))
+    return count
+
+
 @pytest.mark.parametrize("name", list(ONE_PASS_CASES))
-def test_one_pass_matches_gate_then_lrp(name):
+def test_one_pass_matches_gate_then_lrp(name, one_launches):
     shape, dims, mode, with_cand = ONE_PASS_CASES[name]
     c = make_case(**shape, device=DEVICE, seed=17)
     n, r, B = c.A_m.shape[0], c.idx.shape[1], c.num_samples
@@ -310,12 +334,13 @@ def test_one_pass_matches_gate_then_lrp(name):
                   if getattr(c, nm) is not None}
         q = tuple(t.clone().requires_grad_(True) for t in q0)
         k = tuple(t.clone().requires_grad_(True) for t in k0)
-        kw = dict(A_s=leaves.get("A_s"), B_s=leaves.get("B_s"), beta_m=c.beta_m, beta_s=c.beta_s,
-                  sample_of_token=c.sot, trainable=c.trainable)
+        kw = {"A_s": leaves.get("A_s"), "B_s": leaves.get("B_s"), "beta_m": c.beta_m, "beta_s": c.beta_s,
+                  "sample_of_token": c.sot, "trainable": c.trainable}
         if path == "one_pass":
-            y, idx, val = triton_backend.lrp_linear_one_pass(
+            y, idx, val = pclr.lrp_gate_linear(
                 leaves["x"], c.weight, c.bias, leaves["A_m"], leaves["B_m"], q, k, r, weights=w, candidates=cand,
-                mode=mode, **kw)
+                mode=mode, backend="triton", **kw)
+            assert len(one_launches) == 1
         else:
             idx, val = pclr.lrp_gate(q, k, r, weights=w, candidates=cand, mode=mode, backend="reference")
             y = pclr.lrp_linear(leaves["x"], c.weight, c.bias, leaves["A_m"], leaves["B_m"], idx, val,
@@ -344,14 +369,31 @@ def test_one_pass_compiles_fullgraph():
     q, k = _gate_problem(2, 8, (12,), seed=24)
 
     def f(x, qq):
-        return triton_backend.lrp_linear_one_pass(x, c.weight, c.bias, c.A_m, c.B_m, qq, k[0], 2, A_s=c.A_s,
-                                                  B_s=c.B_s, sample_of_token=c.sot, mode="soft")
+        return pclr.lrp_gate_linear(x, c.weight, c.bias, c.A_m, c.B_m, qq, k[0], 2, A_s=c.A_s, B_s=c.B_s,
+                                    sample_of_token=c.sot, mode="soft", backend="triton")
 
     cf = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
     x = c.x.clone().requires_grad_(True)
-    y, idx, val = cf(x, q[0])
+    y, idx, _val = cf(x, q[0])
     y.sum().backward()
-    y_r, idx_r, val_r = f(c.x, q[0])
+    y_r, idx_r, _val_r = f(c.x, q[0])
     assert torch.equal(idx, idx_r)
     torch.testing.assert_close(y, y_r)
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_gate_linear_falls_back_to_gate_then_linear_on_triton(one_launches):
+    # three query parts: the one-launch kernel scores at most two, so triton runs its gate, then its linear
+    c = make_case(lens=[4, 6], d_in=16, d_out=12, n=10, r=3, device=DEVICE, seed=25)
+    q, k = _gate_problem(2, 10, (8, 6, 4), seed=26)
+    args = (c.weight, c.bias, c.A_m, c.B_m)
+    kw = {"weights": (1.0, 0.25, 0.5), "A_s": c.A_s, "B_s": c.B_s, "sample_of_token": c.sot}
+    leaves = [c.x.clone().requires_grad_(True) for _ in range(2)]
+    y, idx, val = pclr.lrp_gate_linear(leaves[0], *args, q, k, 3, backend="triton", **kw)
+    y_r, idx_r, val_r = pclr.lrp_gate_linear(leaves[1], *args, q, k, 3, backend="reference", **kw)
+    assert one_launches == []
+    assert torch.equal(idx, idx_r) and torch.equal(val, val_r)
+    torch.testing.assert_close(y, y_r, atol=1e-4, rtol=1e-4)
+    y.sum().backward()
+    y_r.sum().backward()
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad, atol=1e-4, rtol=1e-4)

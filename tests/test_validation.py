@@ -3,13 +3,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from lrp_cases import make_case
 
 import pclr
-from lrp_cases import make_case
 
 
 def _call(c, **kw):
-    args = dict(A_s=c.A_s, B_s=c.B_s, sample_of_token=c.sot, trainable=c.trainable)
+    args = {"A_s": c.A_s, "B_s": c.B_s, "sample_of_token": c.sot, "trainable": c.trainable}
     args.update(kw)
     return pclr.lrp_linear(c.x, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, **args)
 
@@ -18,23 +18,23 @@ C = make_case()
 
 
 @pytest.mark.parametrize("change, extra, err, match", [
-    (dict(x=C.x.long()), {}, TypeError, "x must have dtype"),
-    (dict(x=C.x[0, 0]), {}, ValueError, "x must be"),
-    (dict(weight=C.weight.double()), {}, TypeError, "weight must have dtype"),
-    (dict(weight=C.weight[:, :5]), {}, ValueError, r"weight must have shape \[d_out, 16\]"),
-    (dict(bias=C.bias[:3]), {}, ValueError, r"bias must have shape \[12\]"),
-    (dict(A_m=C.A_m[:, :3]), {}, ValueError, r"A_m must have shape \[n, 16\]"),
-    (dict(B_m=C.B_m[:4]), {}, ValueError, r"B_m must have shape \[10, 12\]"),
-    (dict(idx=C.idx.float()), {}, TypeError, "idx must have dtype"),
-    (dict(idx=C.idx[:2], val=C.val[:2]), {}, ValueError, "x has batch 3 but idx has 2"),
-    (dict(idx=C.idx + 100), {}, ValueError, "idx holds values outside"),
-    (dict(val=C.val[:, :2]), {}, ValueError, r"val must have shape \[3, 4\]"),
-    (dict(), dict(B_s=None), ValueError, "A_s and B_s must be given together"),
-    (dict(), dict(A_s=C.A_s[:, :3]), ValueError, r"A_s must have shape \[n_s, 16\]"),
-    (dict(), dict(trainable=torch.ones(10)), TypeError, "trainable must have dtype"),
-    (dict(), dict(trainable=torch.ones(9, dtype=torch.bool)), ValueError, r"trainable must have shape \[10\]"),
-    (dict(), dict(sample_of_token=torch.zeros(15, dtype=torch.int32)), ValueError, "sample_of_token is only"),
-    (dict(), dict(backend="tpu"), ValueError, "backend must be one of"),
+    ({"x": C.x.long()}, {}, TypeError, "x must have dtype"),
+    ({"x": C.x[0, 0]}, {}, ValueError, "x must be"),
+    ({"weight": C.weight.double()}, {}, TypeError, "weight must have dtype"),
+    ({"weight": C.weight[:, :5]}, {}, ValueError, r"weight must have shape \[d_out, 16\]"),
+    ({"bias": C.bias[:3]}, {}, ValueError, r"bias must have shape \[12\]"),
+    ({"A_m": C.A_m[:, :3]}, {}, ValueError, r"A_m must have shape \[n, 16\]"),
+    ({"B_m": C.B_m[:4]}, {}, ValueError, r"B_m must have shape \[10, 12\]"),
+    ({"idx": C.idx.float()}, {}, TypeError, "idx must have dtype"),
+    ({"idx": C.idx[:2], "val": C.val[:2]}, {}, ValueError, "x has batch 3 but idx has 2"),
+    ({"idx": C.idx + 100}, {}, ValueError, "idx holds values outside"),
+    ({"val": C.val[:, :2]}, {}, ValueError, r"val must have shape \[3, 4\]"),
+    ({}, {"B_s": None}, ValueError, "A_s and B_s must be given together"),
+    ({}, {"A_s": C.A_s[:, :3]}, ValueError, r"A_s must have shape \[n_s, 16\]"),
+    ({}, {"trainable": torch.ones(10)}, TypeError, "trainable must have dtype"),
+    ({}, {"trainable": torch.ones(9, dtype=torch.bool)}, ValueError, r"trainable must have shape \[10\]"),
+    ({}, {"sample_of_token": torch.zeros(15, dtype=torch.int32)}, ValueError, "sample_of_token is only"),
+    ({}, {"backend": "tpu"}, ValueError, "backend must be one of"),
 ])
 def test_bad_linear_inputs(change, extra, err, match):
     with pytest.raises(err, match=match):

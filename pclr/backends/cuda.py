@@ -6,21 +6,25 @@ custom-op autograd as every other backend (:func:`pclr.backends.custom_op.make_l
 ``pclr::cuda_lrp_linear`` has the reference's gradient semantics and traces under ``torch.compile``.
 
 The extension is optional: when it is not built, this module still imports and the backend reports why it cannot
-run (``pclr info``, :class:`pclr.dispatch.BackendUnavailableError`), never an import error.
+run (``pclr info``, :class:`pclr.backends.base.BackendUnavailableError`), never an import error.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pclr.backends.custom_op import call_linear_op, make_lrp_linear_op
-from pclr.dispatch import GateInputs, LinearInputs
+from pclr.backends.base import (
+    GateInputs,
+    GateLinearInputs,
+    LinearGrads,
+    LinearInputs,
+    LinearNeeds,
+)
+from pclr.backends.custom_op import make_lrp_linear_op
+from pclr.options import BackendName
 
-NAME = "cuda"
 BUILD_HINT = ("build it with `PCLR_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e .` "
               "(needs nvcc and a CUDA-enabled torch)")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,11 +34,11 @@ _INT32_MAX = 2**31 - 1
 
 
 @functools.lru_cache(maxsize=1)
-def extension_reason() -> Optional[str]:
+def extension_reason() -> str | None:
     """Why ``pclr._C`` cannot be used (None when it is loaded and its ops are registered)."""
     try:
         import pclr._C  # noqa: F401  (loading the library registers torch.ops.pclr.cuda_*)
-    except Exception as exc:  # ImportError when not built; OSError / undefined symbols when built for another torch
+    except Exception as exc:  # noqa: BLE001  ImportError when not built; OSError / undefined symbols when built for another torch
         return f"the CUDA extension pclr._C is not available ({type(exc).__name__}: {exc}); {BUILD_HINT}"
     for op in ("cuda_gate", "cuda_lrp_forward", "cuda_lrp_backward"):
         if not hasattr(torch.ops.pclr, op):
@@ -42,12 +46,12 @@ def extension_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _device_reasons(device: Optional[torch.device]) -> list[str]:
+def _device_reasons(device: torch.device | None) -> list[str]:
     if device is not None and device.type != "cuda":
         return [f"the inputs are on {device}; the cuda backend runs CUDA tensors only"]
     if torch.version.cuda is None:
@@ -58,75 +62,68 @@ def _device_reasons(device: Optional[torch.device]) -> list[str]:
         device = torch.device("cuda", torch.cuda.current_device())
     cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if cap < MIN_CAPABILITY:
-        return [f"{device} has compute capability {cap[0]}.{cap[1]}; the cuda backend needs >= "
-                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (sm_80+)"]
+        return [(f"{device} has compute capability {cap[0]}.{cap[1]}; the cuda backend needs >= "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (sm_80+)")]
     return []
 
 
 def _dtype_reason(name: str, t: Tensor) -> list[str]:
     if t.dtype not in DTYPES:
-        return [f"{name} has dtype {str(t.dtype).replace('torch.', '')}; the cuda backend supports float16, "
-                "bfloat16 and float32 (use the reference backend for float64)"]
+        return [(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; the cuda backend supports float16, "
+                "bfloat16 and float32 (use the reference backend for float64)")]
     return []
 
 
 # ---- lrp_linear ---------------------------------------------------------------------------------------------------
-def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
+def _opt(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _forward(x, weight, bias, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len, det):
-    # det is moot: every reduction in the cuda kernels is already ordered (no atomics), hence bit-reproducible.
-    return torch.ops.pclr.cuda_lrp_forward(x, weight, _opt(bias), A_m, B_m, idx, val, _opt(A_s), _opt(B_s),
-                                           sot.contiguous(), float(beta_m), float(beta_s), int(padded_len))
+def linear_forward(i: LinearInputs) -> Tensor:
+    """y [T, d_out] through ``pclr._C``; ``deterministic`` and ``variant`` are moot here: every reduction in the cuda
+    kernels is already ordered (no atomics), and there is one forward."""
+    return torch.ops.pclr.cuda_lrp_forward(i.x, i.weight, _opt(i.bias), i.A_m, i.B_m, i.idx, i.val, _opt(i.A_s),
+                                           _opt(i.B_s), i.sample_of_token.contiguous(), float(i.beta_m),
+                                           float(i.beta_s), int(i.padded_len))
 
 
-def _backward(grad, x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len, det, needs):
-    need_x, need_pool, need_val, need_shared = needs
-    need_shared = bool(need_shared and A_s is not None)
+def linear_backward(grad: Tensor, i: LinearInputs, needs: LinearNeeds) -> LinearGrads:
+    """The gradients named in ``needs`` through ``pclr._C`` (dA_m and dB_m together, dA_s and dB_s together)."""
+    need_shared = bool(needs.shared and i.A_s is not None)
     dx, dA, dB, dval, dAs, dBs = torch.ops.pclr.cuda_lrp_backward(
-        grad, x, weight, A_m, B_m, idx, val, _opt(A_s), _opt(B_s), sot.contiguous(), _opt(trainable),
-        float(beta_m), float(beta_s), int(padded_len), bool(need_x), bool(need_pool), bool(need_val), need_shared)
-    keep = lambda t, flag: t if flag else None  # noqa: E731
-    return (keep(dx, need_x), keep(dA, need_pool), keep(dB, need_pool), keep(dval, need_val),
-            keep(dAs, need_shared), keep(dBs, need_shared))
+        grad, i.x, i.weight, i.A_m, i.B_m, i.idx, i.val, _opt(i.A_s), _opt(i.B_s), i.sample_of_token.contiguous(),
+        _opt(i.trainable), float(i.beta_m), float(i.beta_s), int(i.padded_len), bool(needs.x), bool(needs.pool),
+        bool(needs.val), need_shared)
 
+    def keep(t: Tensor, flag: bool) -> Tensor | None:
+        return t if flag else None
 
-lrp_linear_op = make_lrp_linear_op(NAME, _forward, _backward)
+    return LinearGrads(x=keep(dx, needs.x), A_m=keep(dA, needs.pool), B_m=keep(dB, needs.pool),
+                       val=keep(dval, needs.val), A_s=keep(dAs, need_shared), B_s=keep(dBs, need_shared))
 
 
 # ---- gate ---------------------------------------------------------------------------------------------------------
-def _soft_values(inputs: GateInputs, idx: Tensor) -> Tensor:
-    """The chosen scores recomputed with torch ops so that soft gates carry gradients to the query and keys."""
-    i = idx.long()
-    val = None
-    for q, k, w in zip(inputs.query, inputs.keys, inputs.weights):
-        qn = F.normalize(q.float(), dim=-1)  # [B, d]
-        kn = F.normalize(k.float()[i], dim=-1)  # [B, r, d]: only the chosen keys
-        s = w * torch.einsum("brd,bd->br", kn, qn)
-        val = s if val is None else val + s
-    return val
-
-
 def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
+    """idx int32 [B, r], val fp32 [B, r] through ``pclr._C`` (no autograd)."""
     qs, ks = [], []
     for q, k in zip(inputs.query, inputs.keys):
         dt = torch.promote_types(q.dtype, k.dtype)  # the kernel reads one dtype per part; promotion is exact
         qs.append(q.detach().to(dt).contiguous())
         ks.append(k.detach().to(dt).contiguous())
     cand = None if inputs.candidates is None else inputs.candidates.contiguous()
-    idx, val = torch.ops.pclr.cuda_gate(qs, ks, [float(w) for w in inputs.weights], int(inputs.r), cand,
-                                        inputs.scope == "batch", inputs.mode == "soft")
-    if inputs.mode == "soft" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (*inputs.query, *inputs.keys)):
-        val = _soft_values(inputs, idx)
-    return idx, val
+    return torch.ops.pclr.cuda_gate(qs, ks, [float(w) for w in inputs.weights], int(inputs.r), cand,
+                                    inputs.scope == "batch", inputs.mode == "soft")
 
 
 class CudaBackend:
-    name = NAME
+    """The compiled-kernel backend (see the module docstring)."""
 
-    def not_supported_reasons(self, op: str, inputs) -> list[str]:
+    name: BackendName = "cuda"
+
+    def __init__(self) -> None:
+        self.op = make_lrp_linear_op(self.name, self)
+
+    def not_supported_reasons(self, op: str, inputs: object) -> list[str]:
         why = []
         ext = extension_reason()
         if ext is not None:
@@ -152,11 +149,23 @@ class CudaBackend:
             why.append(f"the cuda backend has no op {op!r}")
         return why
 
+    def forward(self, inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
+        return linear_forward(inputs), []
+
+    def saved_like(self, inputs: LinearInputs) -> list[Tensor]:
+        return []
+
+    def backward(self, grad_y: Tensor, inputs: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
+        return linear_backward(grad_y, inputs, needs)
+
     def lrp_linear(self, inputs: LinearInputs) -> Tensor:
-        return call_linear_op(lrp_linear_op, inputs)
+        return self.op(inputs)
 
     def lrp_gate(self, inputs: GateInputs) -> tuple[Tensor, Tensor]:
         return gate(inputs)
+
+    def lrp_gate_linear(self, inputs: GateLinearInputs) -> None:
+        return None  # no fused path: lrp_gate, then lrp_linear
 
 
 BACKEND = CudaBackend()

@@ -6,16 +6,20 @@ inputs are upcast to fp32 for the arithmetic (the same accumulation precision th
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pclr.backends.custom_op import call_linear_op, make_lrp_linear_op
-from pclr.dispatch import GateInputs, LinearInputs
-
-NAME = "reference"
+from pclr.backends.base import (
+    GateInputs,
+    GateLinearInputs,
+    LinearGrads,
+    LinearInputs,
+    LinearNeeds,
+)
+from pclr.backends.custom_op import make_lrp_linear_op
+from pclr.options import BackendName
+from pclr.scoring import gate_scores
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +30,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class Packing:
     """Maps packed tokens [T, ...] (any sample order) to a zero-padded [B, L, ...] view and back."""
 
-    def __init__(self, sample_of_token: Tensor, num_samples: int, padded_len: int):
+    def __init__(self, sample_of_token: Tensor, num_samples: int, padded_len: int) -> None:
         self.B, self.T = num_samples, sample_of_token.shape[0]
         if padded_len:  # already [B, L] contiguous: a view, no copy
             self.L, self.slot = padded_len, None
@@ -53,8 +57,9 @@ class Packing:
         return flat if self.slot is None else flat[self.slot]
 
 
-def effective_rows(A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor, A_s: Optional[Tensor],
-                   B_s: Optional[Tensor], beta_m: float, beta_s: float, dtype: torch.dtype):
+def effective_rows(A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor, A_s: Tensor | None,
+                   B_s: Tensor | None, beta_m: float, beta_s: float,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per-sample active rows: A_eff [B, R, d_in], B_eff [B, R, d_out], scale [B, R] (shared rows first)."""
     i = idx.long()
     A_eff, B_eff = A_m[i].to(dtype), B_m[i].to(dtype)
@@ -68,68 +73,61 @@ def effective_rows(A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor, A_s: Opti
     return A_eff, B_eff, scale, n_s
 
 
-def _forward(x, weight, bias, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len, det):
-    cdt = compute_dtype(x.dtype)
-    pack = Packing(sot, idx.shape[0], padded_len)
-    xc = x.to(cdt)
-    y = F.linear(xc, weight.to(cdt), None if bias is None else bias.to(cdt))
-    A_eff, B_eff, scale, _ = effective_rows(A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s, cdt)
+def linear_forward(inputs: LinearInputs) -> Tensor:
+    """y [T, d_out] = x·Wᵀ + b + the gated low-rank term, computed in :func:`compute_dtype`, returned in x's dtype."""
+    i = inputs
+    cdt = compute_dtype(i.x.dtype)
+    pack = Packing(i.sample_of_token, i.idx.shape[0], i.padded_len)
+    xc = i.x.to(cdt)
+    y = F.linear(xc, i.weight.to(cdt), None if i.bias is None else i.bias.to(cdt))
+    A_eff, B_eff, scale, _ = effective_rows(i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.beta_m, i.beta_s, cdt)
     s = torch.bmm(pack.pad(xc), A_eff.transpose(1, 2)) * scale.unsqueeze(1)  # [B, L, R], the small intermediate
     y = y + pack.unpad(torch.bmm(s, B_eff))
-    return y.to(x.dtype)
+    return y.to(i.x.dtype)
 
 
-def _backward(grad, x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len, det,
-              needs):
-    need_x, need_pool, need_val, need_shared = needs
+def linear_backward(grad: Tensor, inputs: LinearInputs, needs: LinearNeeds) -> LinearGrads:
+    """The gradients named in ``needs`` (dA_m and dB_m together; frozen rows exactly zero). grad [T, d_out]."""
+    i = inputs
+    x, A_m, B_m, A_s, B_s, idx, val = i.x, i.A_m, i.B_m, i.A_s, i.B_s, i.idx, i.val
+    need_shared = needs.shared and A_s is not None
     cdt = compute_dtype(x.dtype)
-    pack = Packing(sot, idx.shape[0], padded_len)
-    A_eff, B_eff, scale, n_s = effective_rows(A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s, cdt)
+    pack = Packing(i.sample_of_token, idx.shape[0], i.padded_len)
+    A_eff, B_eff, scale, n_s = effective_rows(A_m, B_m, idx, val, A_s, B_s, i.beta_m, i.beta_s, cdt)
     g = grad.to(cdt)
     gp, xp = pack.pad(g), pack.pad(x.to(cdt))
     ds = torch.bmm(gp, B_eff.transpose(1, 2))  # dY · B_effᵀ, [B, L, R]
     du = ds * scale.unsqueeze(1)
-    dx = dA_m = dB_m = dval = dA_s = dB_s = None
-    if need_x:
-        dx = (g @ weight.to(cdt) + pack.unpad(torch.bmm(du, A_eff))).to(x.dtype)
-    if need_pool or need_val or need_shared:
+    out = LinearGrads()
+    if needs.x:
+        out.x = (g @ i.weight.to(cdt) + pack.unpad(torch.bmm(du, A_eff))).to(x.dtype)
+    if needs.pool or needs.val or need_shared:
         u = torch.bmm(xp, A_eff.transpose(1, 2))  # unscaled x · A_effᵀ, [B, L, R]
-    if need_pool or need_shared:
+    if needs.pool or need_shared:
         dA_eff = torch.bmm(du.transpose(1, 2), xp)  # [B, R, d_in]
         dB_eff = torch.bmm((u * scale.unsqueeze(1)).transpose(1, 2), gp)  # [B, R, d_out]
-        if need_pool:
+        if needs.pool:
             flat = idx.long().reshape(-1)
             dA_rows = dA_eff[:, n_s:].reshape(flat.shape[0], -1)
             dB_rows = dB_eff[:, n_s:].reshape(flat.shape[0], -1)
-            if trainable is not None:  # frozen rows: exactly zero
-                keep = trainable[flat].to(cdt).unsqueeze(1)
+            if i.trainable is not None:  # frozen rows: exactly zero
+                keep = i.trainable[flat].to(cdt).unsqueeze(1)
                 dA_rows, dB_rows = dA_rows * keep, dB_rows * keep
-            dA_m = torch.zeros(A_m.shape, dtype=cdt, device=A_m.device).index_add_(0, flat, dA_rows).to(A_m.dtype)
-            dB_m = torch.zeros(B_m.shape, dtype=cdt, device=B_m.device).index_add_(0, flat, dB_rows).to(B_m.dtype)
+            out.A_m = torch.zeros(A_m.shape, dtype=cdt, device=A_m.device).index_add_(0, flat, dA_rows).to(A_m.dtype)
+            out.B_m = torch.zeros(B_m.shape, dtype=cdt, device=B_m.device).index_add_(0, flat, dB_rows).to(B_m.dtype)
         if need_shared and n_s:
-            dA_s = dA_eff[:, :n_s].sum(0).to(A_s.dtype)
-            dB_s = dB_eff[:, :n_s].sum(0).to(B_s.dtype)
-    if need_val:
-        dval = ((ds * u).sum(1)[:, n_s:] * beta_m).to(val.dtype)
-    return dx, dA_m, dB_m, dval, dA_s, dB_s
-
-
-lrp_linear_op = make_lrp_linear_op(NAME, _forward, _backward)
-
-
-def gate_scores(query: tuple[Tensor, ...], keys: tuple[Tensor, ...], weights: tuple[float, ...]) -> Tensor:
-    """score[b, j] = Σ_p w_p · cos(query_p[b], keys_p[j]); an all-zero query row contributes 0. fp32 (fp64 kept)."""
-    score = None
-    for q, k, w in zip(query, keys, weights):
-        dt = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-        s = w * (F.normalize(q.to(dt), dim=-1) @ F.normalize(k.to(dt), dim=-1).T)
-        score = s if score is None else score + s
-    return score
+            out.A_s = dA_eff[:, :n_s].sum(0).to(A_s.dtype)
+            out.B_s = dB_eff[:, :n_s].sum(0).to(B_s.dtype)
+    if needs.val:
+        out.val = ((ds * u).sum(1)[:, n_s:] * i.beta_m).to(val.dtype)
+    return out
 
 
 def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
-    """Top-r gate (ties → lower index via a stable sort). Returns idx int32 [B, r], val fp32 [B, r]."""
-    score = gate_scores(inputs.query, inputs.keys, inputs.weights)  # [B, n]
+    """Top-r gate (ties → lower index via a stable sort). Returns idx int32 [B, r], val fp32 [B, r] (fp64 soft
+    values when a part is fp64), without autograd."""
+    with torch.no_grad():  # the soft value's autograd is attached by functional.lrp_gate
+        score = gate_scores(inputs.query, inputs.keys, inputs.weights)  # [B, n]
     rank = score
     if inputs.candidates is not None:
         rank = rank.masked_fill(~inputs.candidates, float("-inf"))
@@ -146,16 +144,33 @@ def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
 
 
 class ReferenceBackend:
-    name = NAME
+    """The pure-torch backend (see the module docstring)."""
 
-    def not_supported_reasons(self, op: str, inputs) -> list[str]:
+    name: BackendName = "reference"
+
+    def __init__(self) -> None:
+        self.op = make_lrp_linear_op(self.name, self)
+
+    def not_supported_reasons(self, op: str, inputs: object) -> list[str]:
         return []  # pure torch: every device, every floating dtype
 
+    def forward(self, inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
+        return linear_forward(inputs), []
+
+    def saved_like(self, inputs: LinearInputs) -> list[Tensor]:
+        return []
+
+    def backward(self, grad_y: Tensor, inputs: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
+        return linear_backward(grad_y, inputs, needs)
+
     def lrp_linear(self, inputs: LinearInputs) -> Tensor:
-        return call_linear_op(lrp_linear_op, inputs)
+        return self.op(inputs)
 
     def lrp_gate(self, inputs: GateInputs) -> tuple[Tensor, Tensor]:
         return gate(inputs)
+
+    def lrp_gate_linear(self, inputs: GateLinearInputs) -> None:
+        return None  # no fused path: lrp_gate, then lrp_linear
 
 
 BACKEND = ReferenceBackend()

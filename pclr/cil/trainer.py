@@ -45,6 +45,7 @@ from pclr.data.coin import CoINCollator, load_coin_json, split_batch
 from pclr.inject import inject_lrp, load_lrp_state_dict, lrp_layers, lrp_pools, lrp_state_dict
 from pclr.models.bundle import ModelBundle
 from pclr.query import QueryExtractor
+from pclr.scoring import gate_scores
 
 PHASES = ("compress", "integrate", "learn", "eval")
 CKPT_NAME = "checkpoint.safetensors"
@@ -416,8 +417,6 @@ class CILTrainer:
         for pool in self.pools:
             if pool.n < n_new:
                 return None
-            from pclr.backends.reference import gate_scores
-
             score = gate_scores(tuple(p.unsqueeze(0) for p in q), tuple(pool.keys),
                                 self.lrp_config.query_weights[: len(q)])[0]
             out.append(torch.sort(score, descending=True, stable=True).indices[:n_new])
@@ -705,8 +704,6 @@ class _PrototypeRouting:
         self.trainer, self.ctx, self.has_image = trainer, ctx, has_image
 
     def __enter__(self):
-        from pclr.backends.reference import gate_scores
-
         state = self.ctx.__enter__()
         tr = self.trainer
         tids = sorted(tr.prototypes)

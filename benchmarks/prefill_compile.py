@@ -15,12 +15,12 @@ import tempfile
 
 import triton
 import triton.language as tl
-from pclr.kernels import lrp_prefill as K
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from pclr.backends import triton_prefill
+from pclr.kernels import lrp_prefill as K
 
 PTR = {"X": "*bf16", "DS": "*bf16", "DM": "*bf16", "W": "*bf16", "BIAS": "*bf16", "OUT": "*bf16", "US": "*bf16",
        "UM": "*bf16", "XA": "*bf16", "XB": "*bf16", "AM": "*bf16", "BM": "*bf16", "AS": "*bf16", "BS": "*bf16",

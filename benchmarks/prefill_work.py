@@ -23,7 +23,7 @@ from work_counter import WorkCounter  # noqa: E402
 
 import pclr  # noqa: E402
 from pclr.backends import triton_prefill  # noqa: E402
-from pclr.backends.triton import tile_block_m  # noqa: E402
+from pclr.backends.triton.segments import tile_block_m  # noqa: E402
 
 
 def main() -> None:

@@ -13,12 +13,12 @@ from work_counter import WorkCounter
 
 from pclr import dispatch
 from pclr.backends import reference
+from pclr.backends.base import LinearInputs, LinearNeeds
 
 prefill = pytest.importorskip("pclr.backends.triton_prefill")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NEEDS_ALL = (True, True, True, True)
 
 
 def _packed(c):
@@ -30,25 +30,36 @@ def _packed(c):
     return c.x, c.sot.to(torch.int32), 0
 
 
-def _run(fwd, bwd, c, grad_seed=1, needs=NEEDS_ALL):
+def _inputs(c) -> LinearInputs:
     x, sot, padded_len = _packed(c)
-    fargs = (x, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, c.A_s, c.B_s, sot, c.trainable, c.beta_m, c.beta_s,
-             padded_len, True)
-    out = fwd(*fargs)
-    y, saved = out if isinstance(out, tuple) else (out, None)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y)
-    bargs = (x, c.weight, c.A_m, c.B_m, c.idx, c.val, c.A_s, c.B_s, sot, c.trainable, c.beta_m, c.beta_s,
-             padded_len, True)
-    grads = bwd(g, *bargs, saved, needs) if saved is not None else bwd(g, *bargs, needs)
-    return y, dict(zip(GRAD_NAMES, grads))
+    return LinearInputs(x=x, weight=c.weight, bias=c.bias, A_m=c.A_m, B_m=c.B_m, idx=c.idx, val=c.val, A_s=c.A_s,
+                        B_s=c.B_s, beta_m=c.beta_m, beta_s=c.beta_s, sample_of_token=sot, trainable=c.trainable,
+                        padded_len=padded_len, deterministic=True)
+
+
+def _needs(x=False, pool=False, val=False, shared=False) -> LinearNeeds:
+    return LinearNeeds(x=x, A_m=pool, B_m=pool, val=val, A_s=shared, B_s=shared)
+
+
+NEEDS_ALL = _needs(True, True, True, True)
+
+
+def _grad_out(y):
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
 
 
 def _reference(c, needs=NEEDS_ALL):
-    return _run(reference._forward, reference._backward, c, needs=needs)
+    i = _inputs(c)
+    y = reference.linear_forward(i)
+    g = reference.linear_backward(_grad_out(y), i, needs)
+    return y, {name: getattr(g, name) for name in GRAD_NAMES}
 
 
-def _prefill(c, needs=NEEDS_ALL):
-    return _run(prefill.prefill_forward, prefill.prefill_backward, c, needs=needs)
+def _prefill(c, needs=NEEDS_ALL, keep_saved=True):
+    i = _inputs(c)
+    y, saved = prefill.linear_forward(i)
+    g = prefill.linear_backward(_grad_out(y), i, saved if keep_saved else [], needs)
+    return y, {name: getattr(g, name) for name in GRAD_NAMES}
 
 
 def _check(c, atol, rtol):
@@ -106,8 +117,9 @@ def test_prefill_matches_reference_fp64(name):
 def test_subsets_of_gradients():
     c = make_case(lens=[9, 0, 20], d_in=19, d_out=27, n=9, r=3, n_s=2, frozen=(1,), soft=True, device=DEVICE,
                   seed=5)
-    for needs in [(True, False, False, False), (False, True, False, False), (False, False, True, False),
+    for flags in [(True, False, False, False), (False, True, False, False), (False, False, True, False),
                   (False, False, False, True), (False, True, False, True)]:
+        needs = _needs(*flags)
         _, g_ref = _reference(c, needs)
         _, g = _prefill(c, needs)
         for name, ref in g_ref.items():
@@ -118,11 +130,19 @@ def test_subsets_of_gradients():
 
 def test_saved_like_matches_saved():
     c = make_case(lens=[5, 0, 12], d_in=17, d_out=9, n=7, r=3, n_s=2, device=DEVICE)
-    x, sot, padded_len = _packed(c)
-    _, saved = prefill.prefill_forward(x, c.weight, c.bias, c.A_m, c.B_m, c.idx, c.val, c.A_s, c.B_s, sot, None,
-                                       c.beta_m, c.beta_s, padded_len, True)
-    like = prefill.prefill_saved_like(x, c.idx, c.A_s)
+    _, saved = prefill.linear_forward(_inputs(c))
+    like = prefill.linear_saved_like(_inputs(c))
     assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in like]
+
+
+def test_backward_without_saved_recomputes():
+    # the one-launch gate + linear hands the backward no saved u: the result must not change
+    c = make_case(lens=[30, 0, 41], d_in=26, d_out=19, n=9, r=4, n_s=2, frozen=(2,), soft=True, device=DEVICE,
+                  seed=8)
+    _, with_saved = _prefill(c)
+    _, without = _prefill(c, keep_saved=False)
+    for name, t in with_saved.items():
+        torch.testing.assert_close(without[name], t, atol=1e-6, rtol=1e-6)
 
 
 def test_no_tokens_and_no_ranks():
@@ -194,7 +214,7 @@ def test_executed_flops_at_the_floor():
         y, saved = prefill.prefill_forward(*fargs)
     bargs = (x, c.weight, c.A_m, c.B_m, c.idx, c.val, c.A_s, c.B_s, sot, None, c.beta_m, c.beta_s, padded_len, True)
     with WorkCounter() as wb:
-        prefill.prefill_backward(torch.ones_like(y), *bargs, saved, NEEDS_ALL)
+        prefill.prefill_backward(torch.ones_like(y), *bargs, saved, (True, True, True, True))
     fwd_floor = 2 * T * d_in * d_out + 2 * T * R * (d_in + d_out)
     fb_floor = 4 * T * d_in * d_out + 6 * T * R * (d_in + d_out)
     assert wf.work.flops <= 1.01 * fwd_floor, (wf.work.flops, fwd_floor)

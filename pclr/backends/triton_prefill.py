@@ -21,20 +21,22 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pclr.backends.triton import INTERPRET, Tiles, _acc, segment_tokens, tile_block_m
+from pclr.backends.base import LinearGrads, LinearInputs, LinearNeeds
+from pclr.backends.triton.configs import INTERPRET
+from pclr.backends.triton.configs import acc_types as _acc
+from pclr.backends.triton.segments import Tiles, segment_tokens, tile_block_m
 
 try:
     import triton
 
     from pclr.kernels import lrp_prefill as kernels
 
-    _IMPORT_ERROR: Optional[str] = None
+    _IMPORT_ERROR: str | None = None
 except Exception as exc:  # an absent or broken triton is a reason, never an import error of pclr
     triton = None
     _IMPORT_ERROR = f"triton is not importable: {type(exc).__name__}: {exc}"
@@ -151,7 +153,7 @@ def padded_sample_of_token(num_samples: int, padded_len: int, device: torch.devi
 _TARGETS: dict = {}
 
 
-def reduce_plan(idx: Tensor, trainable: Optional[Tensor], n: int, n_s: int, R: int, need_pool: bool,
+def reduce_plan(idx: Tensor, trainable: Tensor | None, n: int, n_s: int, R: int, need_pool: bool,
                 need_shared: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(src, starts, counts) of the row reduction: the partial rows s·R + k (sample s, rank k) grouped by output
     row (pool row, then n + shared row), in sample order within a group. src int32 [B·R]; starts, counts int32
@@ -190,7 +192,7 @@ def reduce_plan(idx: Tensor, trainable: Optional[Tensor], n: int, n_s: int, R: i
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _rows(s: Optional[Tensor], m: Tensor) -> Tensor:
+def _rows(s: Tensor | None, m: Tensor) -> Tensor:
     # the shared-row pointer is never dereferenced when n_s == 0 (all its lanes are masked)
     return m if s is None else s
 
@@ -200,7 +202,7 @@ def _tile_args(tiles: Tiles) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tok, tiles.tile_sample, tiles.tile_start, tiles.tile_end
 
 
-def launch_shrink(X: Tensor, Ds: Optional[Tensor], Dm: Tensor, idx: Tensor, tiles: Tiles, R: int) -> Tensor:
+def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: Tiles, R: int) -> Tensor:
     """U = X·Down_effᵀ per sample, unscaled: ACC [T, R] in sorted token order.
 
     X [T, K]; Ds [n_s, K] | None; Dm [n, K]; idx int32 [B, r].
@@ -233,8 +235,8 @@ def launch_shrink(X: Tensor, Ds: Optional[Tensor], Dm: Tensor, idx: Tensor, tile
     return u
 
 
-def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, int], bias: Optional[Tensor],
-                     U: Tensor, Us: Optional[Tensor], Um: Tensor, idx: Tensor, val: Tensor, beta_m: float,
+def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, int], bias: Tensor | None,
+                     U: Tensor, Us: Tensor | None, Um: Tensor, idx: Tensor, val: Tensor, beta_m: float,
                      beta_s: float, tiles: Tiles) -> None:
     """out = [X | scale ⊙ U]·[W | Up_eff]ᵀ + bias, per sample.
 
@@ -261,9 +263,9 @@ def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, in
 
 
 def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tensor, val: Tensor,
-                      trainable: Optional[Tensor], n: int, n_s: int, beta_m: float, beta_s: float, tiles: Tiles,
-                      out_pool: Optional[tuple[Tensor, Tensor]], out_shared: Optional[tuple[Tensor, Tensor]],
-                      need_val: bool) -> Optional[Tensor]:
+                      trainable: Tensor | None, n: int, n_s: int, beta_m: float, beta_s: float, tiles: Tiles,
+                      out_pool: tuple[Tensor, Tensor] | None, out_shared: tuple[Tensor, Tensor] | None,
+                      need_val: bool) -> Tensor | None:
     """Fill dA_m/dB_m (``out_pool``) and dA_s/dB_s (``out_shared``) in place; return dval [B, r] when asked.
 
     dS, u ACC [T, R] (sorted order, unscaled); x [T, d_in], grad [T, d_out] (token order).
@@ -317,9 +319,9 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prefill_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, idx: Tensor,
-                    val: Tensor, A_s: Optional[Tensor], B_s: Optional[Tensor], sot: Tensor,
-                    trainable: Optional[Tensor], beta_m: float, beta_s: float, padded_len: int,
+def prefill_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor, idx: Tensor,
+                    val: Tensor, A_s: Tensor | None, B_s: Tensor | None, sot: Tensor,
+                    trainable: Tensor | None, beta_m: float, beta_s: float, padded_len: int,
                     deterministic: bool) -> tuple[Tensor, list[Tensor]]:
     """(y [T, d_out], saved) with saved = [u], u ACC [T, R] = x·A_effᵀ unscaled in sorted token order.
 
@@ -341,14 +343,14 @@ def prefill_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tens
     return y, [u]
 
 
-def prefill_saved_like(x: Tensor, idx: Tensor, A_s: Optional[Tensor]) -> list[Tensor]:
+def prefill_saved_like(x: Tensor, idx: Tensor, A_s: Tensor | None) -> list[Tensor]:
     """Uninitialised tensors shaped like :func:`prefill_forward`'s ``saved`` (for fake / meta implementations)."""
     R = idx.shape[1] + (0 if A_s is None else A_s.shape[0])
     return [x.new_empty((x.shape[0], R), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)]
 
 
 def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor,
-                     A_s: Optional[Tensor], B_s: Optional[Tensor], sot: Tensor, trainable: Optional[Tensor],
+                     A_s: Tensor | None, B_s: Tensor | None, sot: Tensor, trainable: Tensor | None,
                      beta_m: float, beta_s: float, padded_len: int, deterministic: bool,
                      saved: Sequence[Tensor], needs: tuple[bool, bool, bool, bool]):
     """(dx, dA_m, dB_m, dval, dA_s, dB_s), each None when not in ``needs`` = (x, pool, val, shared).
@@ -373,12 +375,15 @@ def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: 
         if need_shared:
             dA_s, dB_s = torch.zeros_like(A_s), torch.zeros_like(B_s)
         return dx, dA_m, dB_m, dval, dA_s, dB_s
-    if not saved or saved[0].shape != (T, R):
-        raise ValueError(f"saved must be the forward's [u] with u [T={T}, R={R}]; got "
-                         f"{[tuple(t.shape) for t in saved] if saved else saved}")
-    u = saved[0]
+    if saved and saved[0].shape != (T, R):
+        raise ValueError(f"saved must be the forward's [u] with u [T={T}, R={R}] (or empty); got "
+                         f"{[tuple(t.shape) for t in saved]}")
     grad = grad.contiguous()
     tiles = segment_map(sot, B, padded_len, tile_block_m(T, B))
+    # empty saved: the forward that made y was not this one (the one-launch gate + linear); only then recompute u
+    u = saved[0] if saved else None
+    if u is None and (need_pool or need_shared or need_val):
+        u = launch_shrink(x, A_s, A_m, idx, tiles, R)
     dS = launch_shrink(grad, B_s, B_m, idx, tiles, R)  # dY·B_effᵀ, unscaled
     if need_x:
         # dX = [dY | scale ⊙ dS]·[W ; A_eff]: X := dY [T, d_out], W viewed [d_in, d_out] (strides swapped)
@@ -396,3 +401,33 @@ def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: 
         dval = launch_rank_grads(dS, u, x, grad, idx, val, trainable, n, n_s, beta_m, beta_s, tiles, out_pool,
                                  out_shared, need_val)
     return dx, dA_m, dB_m, dval, dA_s, dB_s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LinearKernels form (what pclr.backends.custom_op.make_lrp_linear_op turns into a registered op)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _positional(i: LinearInputs) -> tuple:
+    return (i.weight, i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.sample_of_token, i.trainable, i.beta_m, i.beta_s,
+            i.padded_len, i.deterministic)
+
+
+def linear_forward(inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
+    """(y [T, d_out], saved = [u]) of :func:`prefill_forward` for a :class:`LinearInputs`."""
+    i = inputs
+    return prefill_forward(i.x, i.weight, i.bias, i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.sample_of_token,
+                           i.trainable, i.beta_m, i.beta_s, i.padded_len, i.deterministic)
+
+
+def linear_saved_like(inputs: LinearInputs) -> list[Tensor]:
+    return prefill_saved_like(inputs.x, inputs.idx, inputs.A_s)
+
+
+def linear_backward(grad_y: Tensor, inputs: LinearInputs, saved: Sequence[Tensor],
+                    needs: LinearNeeds) -> LinearGrads:
+    """The gradients named in ``needs`` from :func:`prefill_backward` (saved empty: u is recomputed once)."""
+    i = inputs
+    dx, dA_m, dB_m, dval, dA_s, dB_s = prefill_backward(
+        grad_y, i.x, *_positional(i), saved, (needs.x, needs.pool, needs.val, needs.shared))
+    return LinearGrads(x=dx, A_m=dA_m, B_m=dB_m, val=dval, A_s=dA_s, B_s=dB_s)

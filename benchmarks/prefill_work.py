@@ -63,7 +63,7 @@ def main() -> None:
             with WorkCounter() as wb:
                 triton_prefill.prefill_backward(gy, *bargs, saved, (True, True, True, True))
         else:
-            os.environ["PCLR_TRITON_FWD"] = which
+            pclr.set_forward_variant(which)
             leaves = [t.clone().requires_grad_(True) for t in (x, A, Bm, val, As, Bs)]
             xx, AA, BB, vv, AAs, BBs = leaves
             with WorkCounter() as wf:

@@ -73,7 +73,7 @@ def decode_shrink_kernel(
     # gate of each (token, row): the sample's value for the rows it routes to (summed if a route repeats a row)
     b = tl.load(SOT + offs_t, mask=mask_t, other=0).to(tl.int64)
     g = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
-    for i in range(0, r):
+    for i in range(r):
         row = tl.load(IDX + b * stride_idx + i, mask=mask_t, other=-1)
         v = tl.load(VAL + b * stride_idx + i, mask=mask_t, other=0.0).to(ACC)
         g += tl.where(row[:, None] == offs_j[None, :], v[:, None], 0.0)
@@ -109,7 +109,7 @@ def decode_expand_kernel(
         live = tl.load(USED + offs_j, mask=offs_j < n + n_s, other=0) != 0
         live_m = is_m & live
         sg = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
-        for s in range(0, split):  # fixed order: the result does not depend on the launch
+        for s in range(split):  # fixed order: the result does not depend on the launch
             sg += tl.load(SG + s * stride_sg_split + offs_t[:, None] * stride_sg_t + offs_j[None, :],
                           mask=mask_t[:, None] & live[None, :], other=0.0)
         up = tl.load(BM + offs_j[:, None] * stride_bm + offs_n[None, :], mask=live_m[:, None] & mask_n[None, :],

@@ -12,7 +12,6 @@ backward (the forward's S is not kept).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,10 @@ from torch import Tensor
 from pclr.kernels import lrp_decode
 
 DECODE_MAX_T = 64  # all tokens of the batch live in one BLOCK_T tile
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _next_pow2(v: int) -> int:
@@ -53,7 +56,8 @@ def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> Deco
 
     One row chunk covers up to 128 rows so x is read once per slice; d_in is split in slices of ≥ 1024 elements
     (at most 8) to give the shrink more programs at large d_in without multiplying the partial S the expand sums.
-    The expand keeps ≥ 8 programs at small d_out and 64-column tiles from 4096 on (the GEMV-class regime).
+    Every expand program re-reads the gated S [T, rows], so small d_out takes 4 wide programs; from 4096 on
+    64-column tiles spread the B rows over the SMs.
     """
     if not 1 <= T <= DECODE_MAX_T:
         raise ValueError(f"decode takes 1..{DECODE_MAX_T} tokens, got T = {T}")
@@ -61,9 +65,9 @@ def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> Deco
     block_j = min(128, max(16, _next_pow2(rows)))
     block_k = 64
     split = max(1, min(8, d_in // 1024))
-    k_per_split = -(-(-(-d_in // split)) // block_k) * block_k  # a multiple of block_k
-    split = -(-d_in // k_per_split)
-    block_n = 64 if d_out >= 4096 else min(256, max(64, _next_pow2(-(-d_out // 8))))
+    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k  # a multiple of block_k
+    split = _cdiv(d_in, k_per_split)
+    block_n = 64 if d_out >= 4096 else min(256, max(64, _next_pow2(_cdiv(d_out, 4))))
     block_u = min(256, max(16, _next_pow2(routes)))
     shrink_warps = 8 if block_t * block_j >= 64 * 128 else 4
     expand_warps = 8 if block_t * block_n >= 64 * 128 else 4
@@ -77,8 +81,8 @@ def _acc(dtype: torch.dtype):
     return torch.float32, tl.float32
 
 
-def decode_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_m: Tensor, B_m: Tensor, idx: Tensor,
-                   val: Tensor, A_s: Optional[Tensor], B_s: Optional[Tensor], beta_m: float, beta_s: float,
+def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor, idx: Tensor,
+                   val: Tensor, A_s: Tensor | None, B_s: Tensor | None, beta_m: float, beta_s: float,
                    sot: Tensor) -> Tensor:
     """y [T, d_out] = x·Wᵀ + b + Σ over each token's sample's routed rows of scale·(x·A_jᵀ)·B_j.
 

@@ -19,7 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import torch  # noqa: E402
-from work_counter import WorkCounter  # noqa: E402
+from pclr.bench.work import WorkCounter
 
 import pclr  # noqa: E402
 from pclr.backends import triton_prefill  # noqa: E402

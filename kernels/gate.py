@@ -6,8 +6,13 @@ Two launches whose grids depend only on shapes (CUDA-graph safe, no host round t
   (B, n) that also accumulates the row norms of the tiles it reads, so nothing is normalised in a separate pass.
   Queries with more than two parts chain launches with ``ACCUMULATE``.
 * :func:`gate_topr_kernel` — one program per sample (or a single program for the batch scope, which first sums the
-  masked scores over the batch) selects the top-r by r rounds of (max, lowest index holding it); ties therefore go to
-  the lower index exactly as the reference's stable sort.
+  scores over the batch and keeps the experts that are candidates of every sample) selects the top-r by r rounds
+  of (best tier, max, lowest index holding it); ties therefore go to the lower index exactly as the reference.
+
+Ranking rule shared with the reference gate (:func:`pclr.backends.reference.gate`): experts are ordered by tier,
+then by descending score, then by index. Tier 0 is a candidate with a number as score (±inf included), tier 1 a
+candidate whose score is NaN (a NaN ranks below -inf), tier 2 a non-candidate. Whatever the scores, every chosen
+index lies in [0, n) and a non-candidate is chosen only once the candidates run out.
 """
 import triton
 import triton.language as tl
@@ -73,6 +78,27 @@ def gate_scores_kernel(
 
 
 @triton.jit
+def rank_tiers(score, ok):
+    """(tier int32, clean score) of each expert: tier 0 candidate with a number, 1 candidate with NaN, 2 not a
+    candidate (or out of range); clean is the score in tier 0 and -inf elsewhere, so no NaN reaches a max."""
+    is_nan = score != score  # noqa: PLR0124 -- true exactly for NaN; works in the interpreter and compiled
+    tier = tl.where(ok, tl.where(is_nan, 1, 0), 2)
+    clean = tl.where(ok & (~is_nan), score, float("-inf"))
+    return tier, clean
+
+
+@triton.jit
+def select_next(tier, clean, avail, offs, n, BLOCK_N: tl.constexpr):
+    """The next expert among ``avail``: lowest tier, then highest clean score, then lowest index; in [0, n)."""
+    t = tl.min(tl.where(avail, tier, 3), axis=0)
+    pool = avail & (tier == t)
+    best = tl.max(tl.where(pool, clean, float("-inf")), axis=0)
+    j = tl.min(tl.where(pool & (clean == best), offs, BLOCK_N), axis=0)
+    # r <= n keeps ``pool`` non-empty; the clamp makes an out-of-range index impossible even if it were not
+    return tl.minimum(j, n - 1)
+
+
+@triton.jit
 def gate_topr_kernel(
     S, CAND, IDX, VAL,
     B, n, r,
@@ -80,36 +106,32 @@ def gate_topr_kernel(
     HAS_CAND: tl.constexpr, BATCH: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Top-r of the (candidate-masked) scores S [B, n] → IDX int32 [B, r], VAL fp32 [B, r].
+    """Top-r of the scores S [B, n] by the module's ranking rule → IDX int32 [B, r], VAL fp32 [B, r].
 
-    Grid: (B,) for the sample scope; (1,) for the batch scope, whose single program ranks the batch-summed masked
-    scores and writes the same experts for every sample. CAND is int8 [B or 1, n] (stride_cand = 0 for a shared
+    Grid: (B,) for the sample scope; (1,) for the batch scope, whose single program ranks the batch-summed scores
+    (candidates: those of every sample) and writes the same experts for every sample. CAND is int8 [B or 1, n] (stride_cand = 0 for a shared
     [n] mask). VAL = the sample's own unmasked score (SOFT) or 1.
     """
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
     in_range = offs < n
+    ok = in_range
     if BATCH:
         rank = tl.zeros([BLOCK_N], dtype=S.dtype.element_ty)
         for b in range(B):
-            s = tl.load(S + b * stride_s + offs, mask=in_range, other=0.0)
-            if HAS_CAND:
-                c = tl.load(CAND + b * stride_cand + offs, mask=in_range, other=0)
-                s = tl.where(c != 0, s, float("-inf"))
-            rank += s
+            rank += tl.load(S + b * stride_s + offs, mask=in_range, other=0.0)
+            if HAS_CAND:  # the batch ranks the intersection of the samples' candidates first
+                ok = ok & (tl.load(CAND + b * stride_cand + offs, mask=in_range, other=0) != 0)
     else:
         rank = tl.load(S + pid * stride_s + offs, mask=in_range, other=0.0)
         if HAS_CAND:
-            c = tl.load(CAND + pid * stride_cand + offs, mask=in_range, other=0)
-            rank = tl.where(c != 0, rank, float("-inf"))
+            ok = ok & (tl.load(CAND + pid * stride_cand + offs, mask=in_range, other=0) != 0)
     offs_r = tl.arange(0, BLOCK_R)
     chosen = tl.zeros([BLOCK_R], dtype=tl.int32)
+    tier, clean = rank_tiers(rank, ok)
     avail = in_range
     for i in range(r):
-        # a non-candidate (-inf) can still be picked once the candidates run out, lowest index first, as the
-        # stable sort does; `avail` (not the score) marks what is already taken so -inf entries stay distinct
-        best = tl.max(tl.where(avail, rank, float("-inf")), axis=0)
-        j = tl.min(tl.where(avail & (rank == best), offs, BLOCK_N), axis=0)
+        j = select_next(tier, clean, avail, offs, n, BLOCK_N)
         chosen = tl.where(offs_r == i, j, chosen)
         avail = avail & (offs != j)
     mask_r = offs_r < r
@@ -172,17 +194,16 @@ def sample_gate(
         score += w2 * sample_part_cos(s, Q2, K2, n, d2, stride_q2, stride_k2, BLOCK_NK, BLOCK_D)
     offs = tl.arange(0, BLOCK_NK)
     in_range = offs < n
-    rank = score
+    ok = in_range
     if HAS_CAND:
-        c = tl.load(CAND + s * stride_cand + offs, mask=in_range, other=0)
-        rank = tl.where(c != 0, score, float("-inf"))
+        ok = ok & (tl.load(CAND + s * stride_cand + offs, mask=in_range, other=0) != 0)
+    tier, clean = rank_tiers(score, ok)
     offs_r = tl.arange(0, BLOCK_R)
     row = tl.zeros([BLOCK_R], dtype=tl.int32)
     val = tl.zeros([BLOCK_R], dtype=tl.float32)
     avail = in_range
     for i in range(r):
-        best = tl.max(tl.where(avail, rank, float("-inf")), axis=0)
-        j = tl.min(tl.where(avail & (rank == best), offs, BLOCK_NK), axis=0)
+        j = select_next(tier, clean, avail, offs, n, BLOCK_NK)
         lane = offs_r == n_s + i
         row = tl.where(lane, j, row)
         if SOFT:

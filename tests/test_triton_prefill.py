@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from lrp_cases import GRAD_NAMES, make_case
-from work_counter import WorkCounter
+from pclr.bench.work import WorkCounter
 
 from pclr import dispatch
 from pclr.backends import reference

@@ -123,17 +123,34 @@ def linear_backward(grad: Tensor, inputs: LinearInputs, needs: LinearNeeds) -> L
     return out
 
 
+def rank_order(rank: Tensor, ok: Tensor) -> Tensor:
+    """Experts of each row of rank [R, n] in gate order; ok bool [R or 1, n] marks the candidates.
+
+    Order: candidates with a number as score (±inf included) by descending score, then candidates whose score is
+    NaN (a NaN ranks below -inf), then non-candidates; ties go to the lower index (stable sorts). Every backend's
+    gate follows this order, so no score, NaN or not, can route to an index outside [0, n) or to a non-candidate
+    while candidates remain.
+    """
+    ok = ok.expand_as(rank)
+    nan = torch.isnan(rank)
+    tier = torch.where(ok, nan.to(torch.int64), 2)
+    order = torch.sort(rank.masked_fill(nan | ~ok, float("-inf")), dim=-1, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.gather(-1, order), dim=-1, stable=True).indices  # stable: keeps score order in a tier
+    return order.gather(-1, by_tier)
+
+
 def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
-    """Top-r gate (ties → lower index via a stable sort). Returns idx int32 [B, r], val fp32 [B, r] (fp64 soft
-    values when a part is fp64), without autograd."""
+    """Top-r gate in :func:`rank_order`'s order (ties → lower index). Returns idx int32 [B, r], val fp32 [B, r] (fp64
+    soft values when a part is fp64), without autograd."""
     with torch.no_grad():  # the soft value's autograd is attached by functional.lrp_gate
         score = gate_scores(inputs.query, inputs.keys, inputs.weights)  # [B, n]
     rank = score
+    ok = torch.ones((1, score.shape[1]), dtype=torch.bool, device=score.device)
     if inputs.candidates is not None:
-        rank = rank.masked_fill(~inputs.candidates, float("-inf"))
+        ok = inputs.candidates.reshape(-1, score.shape[1])
     if inputs.scope == "batch":
-        rank = rank.sum(0, keepdim=True)
-    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, : inputs.r]
+        rank, ok = rank.sum(0, keepdim=True), ok.all(0, keepdim=True)  # the intersection of the candidates
+    order = rank_order(rank, ok)[:, : inputs.r]
     idx = order.expand(score.shape[0], -1)
     if inputs.mode == "soft":
         val = score.gather(1, idx)

@@ -1,0 +1,124 @@
+"""Triton kernels of the decode-sized LRP term (T ≤ 64 tokens): each used rank row is read once for the batch.
+
+The base x·Wᵀ + b runs as one cuBLAS GEMM (W read once for the whole batch); these two kernels add the low-rank
+term on top. Rank rows are indexed j in [0, n + n_s): j < n is pool row j, j ≥ n is shared row j - n. A row is
+*live* when it is shared or when some sample's route holds it (the usage bitmap); dead rows are never loaded.
+
+* :func:`decode_shrink_kernel` — SG[split, t, j] = G[t, j] · Σ_{k in split} x[t, k]·A_j[k] for a chunk of rows and a
+  slice of d_in, where G[t, j] = beta_m·Σ_{i: idx[b, i] = j} val[b, i] (b the sample of token t; 0 for rows the
+  sample does not route to) and beta_s on shared rows. It also writes the usage bitmap USED[j].
+* :func:`decode_expand_kernel` — y[:, n-chunk] += (Σ_split SG[split])·B_live[:, n-chunk], the splits summed in a
+  fixed order (deterministic), over the live rows only.
+
+Every token meets every live row in one dense tile, so no token is re-sorted by sample and no weight is streamed per
+sample: the rows a sample does not use get a zero gate, which costs FLOPs on tiny tiles but no memory traffic.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_kinds(offs_j, n, n_s):
+    """(pool row?, shared row?) masks of row ids ``offs_j``."""
+    is_m = offs_j < n
+    is_s = (offs_j >= n) & (offs_j < n + n_s)
+    return is_m, is_s
+
+
+@triton.jit
+def decode_shrink_kernel(
+    X, AS, AM, IDX, VAL, SOT, SG, USED,
+    T, K, n, n_s, r, BR, k_per_split,
+    stride_x, stride_as, stride_am, stride_idx, stride_sg_split, stride_sg_t,
+    beta_m, beta_s,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_U: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Gated partial shrink of one (row chunk, d_in slice).
+
+    X [T, K]; AS [n_s, K]; AM [n, K]; IDX int32 [B, r] (contiguous: BR = B·r entries); VAL fp32 [B, r];
+    SOT int32 [T]; SG ACC [SPLIT, T, n + n_s] (only live rows written); USED int8 [n + n_s].
+    Grid: (cdiv(n + n_s, BLOCK_J), SPLIT); program (pj, ps) covers d_in [ps·k_per_split, (ps + 1)·k_per_split).
+    """
+    pid_j = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    is_m, is_s = _row_kinds(offs_j, n, n_s)
+    # usage bitmap of this chunk from the routes of every sample (no host sync, grid independent of the data)
+    hits = tl.zeros([BLOCK_J], dtype=tl.int32)
+    for u0 in range(0, BR, BLOCK_U):
+        offs_u = u0 + tl.arange(0, BLOCK_U)
+        rows = tl.load(IDX + offs_u, mask=offs_u < BR, other=-1)
+        hits += tl.sum((rows[None, :] == offs_j[:, None]).to(tl.int32), axis=1)
+    live_m = is_m & (hits > 0)
+    live = live_m | is_s
+    shared = tl.where(is_s, offs_j - n, 0)
+
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        x = tl.load(X + offs_t[:, None] * stride_x + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                    other=0.0)
+        a = tl.load(AM + offs_j[None, :] * stride_am + offs_k[:, None], mask=live_m[None, :] & mask_k[:, None],
+                    other=0.0)
+        a += tl.load(AS + shared[None, :] * stride_as + offs_k[:, None], mask=is_s[None, :] & mask_k[:, None],
+                     other=0.0)
+        acc = tl.dot(x, a, acc=acc, input_precision="ieee")
+
+    # gate of each (token, row): the sample's value for the rows it routes to (summed if a route repeats a row)
+    b = tl.load(SOT + offs_t, mask=mask_t, other=0).to(tl.int64)
+    g = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
+    for i in range(r):
+        row = tl.load(IDX + b * stride_idx + i, mask=mask_t, other=-1)
+        v = tl.load(VAL + b * stride_idx + i, mask=mask_t, other=0.0).to(ACC)
+        g += tl.where(row[:, None] == offs_j[None, :], v[:, None], 0.0)
+    g = tl.where(is_s[None, :], beta_s, g * beta_m)
+    sg = acc * g
+    ptrs = SG + pid_s * stride_sg_split + offs_t[:, None] * stride_sg_t + offs_j[None, :]
+    tl.store(ptrs, sg, mask=mask_t[:, None] & live[None, :])
+    if pid_s == 0:
+        tl.store(USED + offs_j, live.to(tl.int8), mask=offs_j < n + n_s)
+
+
+@triton.jit
+def decode_expand_kernel(
+    Y, BS, BM, SG, USED,
+    T, N, n, n_s, split,
+    stride_y, stride_bs, stride_bm, stride_sg_split, stride_sg_t,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """Y[:, n-chunk] += (Σ_split SG[split])·B_live[:, n-chunk] in place (Y holds x·Wᵀ + b).
+
+    Y [T, N]; BS [n_s, N]; BM [n, N]; SG ACC [split, T, n + n_s]; USED int8 [n + n_s].
+    Grid: (cdiv(N, BLOCK_N),).
+    """
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
+    for j0 in range(0, n + n_s, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        is_m, is_s = _row_kinds(offs_j, n, n_s)
+        live = tl.load(USED + offs_j, mask=offs_j < n + n_s, other=0) != 0
+        live_m = is_m & live
+        sg = tl.zeros([BLOCK_T, BLOCK_J], dtype=ACC)
+        for s in range(split):  # fixed order: the result does not depend on the launch
+            sg += tl.load(SG + s * stride_sg_split + offs_t[:, None] * stride_sg_t + offs_j[None, :],
+                          mask=mask_t[:, None] & live[None, :], other=0.0)
+        up = tl.load(BM + offs_j[:, None] * stride_bm + offs_n[None, :], mask=live_m[:, None] & mask_n[None, :],
+                     other=0.0)
+        shared = tl.where(is_s, offs_j - n, 0)
+        up += tl.load(BS + shared[:, None] * stride_bs + offs_n[None, :], mask=is_s[:, None] & mask_n[None, :],
+                      other=0.0)
+        acc = tl.dot(sg.to(up.dtype), up, acc=acc, input_precision="ieee")
+    ptrs = Y + offs_t[:, None] * stride_y + offs_n[None, :]
+    mask = mask_t[:, None] & mask_n[None, :]
+    acc += tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)

@@ -1,0 +1,138 @@
+"""Decode-sized LRP forward (T ≤ 64 tokens): cuBLAS base + one shrink/expand pair over the used rank rows.
+
+y = x·Wᵀ + b runs as one cuBLAS GEMM, so W is read once for the whole batch (never once per sample), then
+:mod:`pclr.kernels.lrp_decode` adds the low-rank term: the shrink reads each used pool row of A (and the shared
+rows) once for all tokens and folds the gate into S; the expand reads each used row of B once per output chunk
+and adds (S ⊙ G)·B_used into y. Which rows are used comes from ``idx`` on the device (no host sync), and routes
+that point outside [0, n) contribute nothing instead of reading outside the pool.
+
+Reference semantics: :func:`pclr.backends.reference._forward`. The backward at decode sizes is the general Triton
+backward (the forward's S is not kept).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton.language as tl
+from torch import Tensor
+
+from pclr.kernels import lrp_decode
+
+DECODE_MAX_T = 64  # all tokens of the batch live in one BLOCK_T tile
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode pair (the same on every device: the grids depend on shapes only).
+
+    block_t: token tile (all tokens); block_j: rank rows per shrink program; expand_block_j: rank rows per expand
+    step; split: d_in slices
+    of the shrink (fixed-order sum in the expand); k_per_split: d_in elements per slice; block_k: shrink K step;
+    block_n: output columns per expand program; block_u: route entries per usage-bitmap step.
+    """
+
+    block_t: int
+    block_j: int
+    expand_block_j: int
+    split: int
+    k_per_split: int
+    block_k: int
+    block_n: int
+    block_u: int
+    shrink_warps: int
+    expand_warps: int
+
+
+def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> DecodeConfig:
+    """Config for T tokens, d_in → d_out, ``rows`` = n + n_s rank rows, ``routes`` = B·r route entries.
+
+    One row chunk covers up to 128 rows so x is read once per slice; d_in is split in slices of ≥ 1024 elements
+    (at most 8) to give the shrink more programs at large d_in without multiplying the partial S the expand sums.
+    Every expand program re-reads the gated S [T, rows], so small d_out takes 4 wide programs; from 4096 on
+    64-column tiles spread the B rows over the SMs.
+    """
+    if not 1 <= T <= DECODE_MAX_T:
+        raise ValueError(f"decode takes 1..{DECODE_MAX_T} tokens, got T = {T}")
+    block_t = max(16, _next_pow2(T))
+    block_j = min(128, max(16, _next_pow2(rows)))
+    block_k = 32  # with 8 warps: no spills on sm_80/sm_90 up to T = 64 (tests/test_compile_targets.py)
+    split = max(1, min(8, d_in // 1024))
+    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k  # a multiple of block_k
+    split = _cdiv(d_in, k_per_split)
+    block_n = 64 if d_out >= 4096 else min(256, max(64, _next_pow2(_cdiv(d_out, 4))))
+    block_u = 16  # the usage test holds a [block_j, block_u] tile
+    expand_block_j = min(64, block_j)  # the expand loops over rows: a smaller step keeps its tiles in registers
+    shrink_warps = 8
+    expand_warps = 8 if block_t * block_n >= 64 * 64 else 4
+    return DecodeConfig(block_t, block_j, expand_block_j, split, k_per_split, block_k, block_n, block_u,
+                        shrink_warps, expand_warps)
+
+
+def _acc(dtype: torch.dtype):
+    """Accumulation dtype (torch, triton): fp32, or fp64 for fp64 inputs (the CPU interpreter only)."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor, idx: Tensor,
+                   val: Tensor, A_s: Tensor | None, B_s: Tensor | None, beta_m: float, beta_s: float,
+                   sot: Tensor) -> Tensor:
+    """y [T, d_out] = x·Wᵀ + b + Σ over each token's sample's routed rows of scale·(x·A_jᵀ)·B_j.
+
+    x [T, d_in] with T ≤ 64; weight [d_out, d_in]; bias [d_out] | None; A_m [n, d_in]; B_m [n, d_out];
+    idx int [B, r]; val [B, r]; A_s [n_s, d_in] | None; B_s [n_s, d_out] | None; sot int [T] (sample of token).
+    Scale: beta_m·val[b, i] for pool row idx[b, i], beta_s for shared rows.
+    """
+    T, d_in = x.shape
+    d_out = weight.shape[0]
+    B, r = idx.shape
+    n = A_m.shape[0]
+    n_s = 0 if A_s is None else A_s.shape[0]
+    if T > DECODE_MAX_T:
+        raise ValueError(f"x has T = {T} tokens; decode_forward takes at most {DECODE_MAX_T}")
+    if A_m.shape[1] != d_in or B_m.shape != (n, d_out) or weight.shape[1] != d_in:
+        raise ValueError(f"A_m {tuple(A_m.shape)}, B_m {tuple(B_m.shape)}, weight {tuple(weight.shape)} do not "
+                         f"match x [T, {d_in}]")
+    if sot.shape != (T,):
+        raise ValueError(f"sot must be [T = {T}], got {tuple(sot.shape)}")
+    y = F.linear(x, weight, bias)  # cuBLAS: W read once for every token of the batch
+    rows = n + n_s
+    if T == 0 or rows == 0 or (B * r == 0 and n_s == 0):
+        return y
+    cfg = decode_config(T, d_in, d_out, rows, B * r)
+    acc_t, acc = _acc(x.dtype)
+    x = x.contiguous()
+    idx = idx.to(torch.int32).contiguous()
+    val = val.to(acc_t).contiguous()
+    sot = sot.to(torch.int32).contiguous()
+    A_m, B_m = A_m.contiguous(), B_m.contiguous()
+    A_s = A_m if A_s is None else A_s.contiguous()  # never dereferenced when n_s == 0 (all its lanes are masked)
+    B_s = B_m if B_s is None else B_s.contiguous()
+    sg = torch.empty((cfg.split, T, rows), dtype=acc_t, device=x.device)
+    used = torch.empty((rows,), dtype=torch.int8, device=x.device)
+    lrp_decode.decode_shrink_kernel[(-(-rows // cfg.block_j), cfg.split)](
+        x, A_s, A_m, idx, val, sot, sg, used,
+        T, d_in, n, n_s, r, B * r, cfg.k_per_split,
+        x.stride(0), A_s.stride(0), A_m.stride(0), idx.stride(0), sg.stride(0), sg.stride(1),
+        float(beta_m), float(beta_s),
+        BLOCK_T=cfg.block_t, BLOCK_J=cfg.block_j, BLOCK_K=cfg.block_k, BLOCK_U=cfg.block_u, ACC=acc,
+        num_warps=cfg.shrink_warps,
+    )
+    lrp_decode.decode_expand_kernel[(-(-d_out // cfg.block_n),)](
+        y, B_s, B_m, sg, used,
+        T, d_out, n, n_s, cfg.split,
+        y.stride(0), B_s.stride(0), B_m.stride(0), sg.stride(0), sg.stride(1),
+        BLOCK_T=cfg.block_t, BLOCK_J=cfg.expand_block_j, BLOCK_N=cfg.block_n, ACC=acc, num_warps=cfg.expand_warps,
+    )
+    return y

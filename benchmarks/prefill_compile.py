@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from pclr.backends import triton_prefill
+from pclr.backends.triton import prefill as triton_prefill
 from pclr.kernels import lrp_prefill as K
 
 PTR = {"X": "*bf16", "DS": "*bf16", "DM": "*bf16", "W": "*bf16", "BIAS": "*bf16", "OUT": "*bf16", "US": "*bf16",

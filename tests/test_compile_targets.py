@@ -86,7 +86,7 @@ def registry() -> list[Entry]:
     """Every Triton kernel of pclr at the target point (bf16 data, fp32 accumulation)."""
     import triton.language as tl
 
-    from pclr.backends.triton_decode import decode_config
+    from pclr.backends.triton.decode import decode_config
 
     t = TARGET
     R = t["n_s"] + t["r"]

@@ -8,7 +8,7 @@ from pclr.bench.work import WorkCounter
 import pclr
 from pclr import dispatch
 
-triton_decode = pytest.importorskip("pclr.backends.triton_decode")
+triton_decode = pytest.importorskip("pclr.backends.triton.decode")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -148,8 +148,10 @@ def test_compile_fullgraph_through_triton_ops():
 def test_variant_is_validated_and_auto_picks_by_shape():
     with pytest.raises(ValueError, match="variant must be one of"):
         linear.forward_variant(10, 16, "bogus")
-    assert linear.forward_variant(8, 4096, "auto") == "fused"
-    assert linear.forward_variant(4096, 4096, "auto") == "epilogue"
+    assert linear.forward_variant(8, 4096, "auto") == "decode"
+    assert linear.forward_variant(64, 4096, "auto") == "decode"
+    assert linear.forward_variant(65, 4096, "auto") == "extended"
+    assert linear.forward_variant(4096, 4096, "auto") == "extended"
     assert linear.forward_variant(4096, 4096, "split") == "split"
 
 

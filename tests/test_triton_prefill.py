@@ -1,4 +1,4 @@
-"""The floor-shaped Triton prefill/training path (pclr.backends.triton_prefill) against the reference backend.
+"""The floor-shaped Triton prefill/training path (pclr.backends.triton.prefill) against the reference backend.
 
 CPU runs through TRITON_INTERPRET=1 in float32 and float64; shapes stay small so the interpreter finishes quickly.
 """
@@ -15,7 +15,7 @@ from pclr import dispatch
 from pclr.backends import reference
 from pclr.backends.base import LinearInputs, LinearNeeds
 
-prefill = pytest.importorskip("pclr.backends.triton_prefill")
+prefill = pytest.importorskip("pclr.backends.triton.prefill")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,8 +2,10 @@
 (kernels in :mod:`pclr.kernels`).
 
 One concern per module: ``configs`` (tile sizes, autotuning), ``segments`` (tokens grouped by sample), ``linear``
-(``lrp_linear`` launchers, forward, backward), ``gate`` (``lrp_gate``), ``one_pass`` (``lrp_gate_linear`` in one
-launch). This module holds the backend object dispatch uses. An absent or broken triton makes the backend report
+(``lrp_linear``: picks the forward path, launchers of the fused / split / epilogue paths and their backward),
+``prefill`` (the extended path: S once, one K-extended GEMM, the backward from the saved S), ``decode`` (at most
+DECODE_MAX_TOKENS tokens: each used pool row read once for the batch), ``gate`` (``lrp_gate``), ``one_pass``
+(``lrp_gate_linear`` in one launch). This module holds the backend object dispatch uses. An absent or broken triton makes the backend report
 why it cannot run; it never makes ``import pclr`` fail.
 """
 from __future__ import annotations
@@ -102,13 +104,13 @@ class TritonBackend:
 
     # -- lrp_linear: the kernels behind the registered op --------------------------------------------------------
     def forward(self, inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
-        return linear.linear_forward(inputs), []
+        return linear.linear_forward(inputs)
 
     def saved_like(self, inputs: LinearInputs) -> list[Tensor]:
-        return []
+        return linear.linear_saved_like(inputs)
 
     def backward(self, grad_y: Tensor, inputs: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
-        return linear.linear_backward(grad_y, inputs, needs)
+        return linear.linear_backward(grad_y, inputs, saved, needs)
 
     # -- the ops dispatch calls -----------------------------------------------------------------------------------
     def lrp_linear(self, inputs: LinearInputs) -> Tensor:

@@ -36,6 +36,7 @@ from pclr.backends.triton.segments import (
     segment_tokens,
     tile_block_m,
 )
+from pclr.backends.triton import decode, prefill
 from pclr.kernels import lrp_bwd as bwd_kernels
 from pclr.options import (
     DECODE_MAX_TOKENS,
@@ -46,18 +47,16 @@ from pclr.options import (
 
 
 def forward_variant(T: int, d_out: int, requested: ForwardVariant) -> str:
-    """The forward variant that runs: ``requested`` unless it is "auto", which picks by shape.
+    """The forward path that runs: ``requested`` unless it is "auto", which picks by shape.
 
-    auto: decode-sized batches (T ≤ DECODE_MAX_TOKENS) and narrow outputs take the single fused kernel (the redundant
-    S per output tile costs R/BLOCK_N extra FLOPs, small there); large prefill shapes take the cuBLAS epilogue, whose
-    extra cost is one more pass over x and y.
+    auto: at most DECODE_MAX_TOKENS tokens take the decode kernels ("decode": cuBLAS x·Wᵀ reads W once for the whole
+    batch, then each pool row the batch uses is read once); more tokens take "extended" (S once per token, then one
+    K-extended GEMM: executed FLOPs at the floor, and S kept for the backward).
     """
     check_choice("variant", requested, FORWARD_VARIANTS)
     if requested != "auto":
         return requested
-    if T <= DECODE_MAX_TOKENS or d_out <= 512:
-        return "fused"
-    return "epilogue"
+    return "decode" if T <= DECODE_MAX_TOKENS else "extended"
 
 
 def rows_or(s: Tensor | None, m: Tensor) -> Tensor:
@@ -210,16 +209,45 @@ def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def linear_forward(i: LinearInputs) -> Tensor:
-    """y [T, d_out] = x·Wᵀ + b + LRP term, by the forward variant ``i.variant`` (see the module docstring)."""
+def _empty(i: LinearInputs) -> bool:
+    return i.x.shape[0] == 0 or i.idx.shape[0] == 0 or i.n_s + i.idx.shape[1] == 0
+
+
+def _keeps_s(i: LinearInputs) -> bool:
+    """Whether the forward of ``i`` runs the extended path, which returns S for the backward."""
+    return not _empty(i) and forward_variant(i.x.shape[0], i.weight.shape[0], i.variant) == "extended"
+
+
+def linear_saved_like(i: LinearInputs) -> list[Tensor]:
+    """Empty tensors shaped like what :func:`linear_forward` saves for ``i`` (for fake/meta tracing)."""
+    return prefill.linear_saved_like(i) if _keeps_s(i) else []
+
+
+def linear_forward(i: LinearInputs) -> tuple[Tensor, list[Tensor]]:
+    """(y [T, d_out] = x·Wᵀ + b + LRP term, tensors saved for the backward), by the forward path of ``i.variant``
+    (see the module docstring and :func:`forward_variant`)."""
     x, weight = i.x, i.weight
     T, d_out = x.shape[0], weight.shape[0]
     B, r = i.idx.shape
     R = i.n_s + r
     bias = None if i.bias is None else i.bias.contiguous()
-    if T == 0 or B == 0 or R == 0:
-        return base_linear(x, weight, bias)
+    if _empty(i):
+        return base_linear(x, weight, bias), []
     variant = forward_variant(T, d_out, i.variant)
+    if variant == "extended":
+        return prefill.linear_forward(i)
+    if variant == "decode":
+        return decode.decode_forward(x, weight, bias, i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.beta_m, i.beta_s,
+                                     i.sample_of_token), []
+    return _variant_forward(i, variant, bias), []
+
+
+def _variant_forward(i: LinearInputs, variant: str, bias: Tensor | None) -> Tensor:
+    """The forward of the "fused", "split" and "epilogue" paths."""
+    x, weight = i.x, i.weight
+    T, d_out = x.shape[0], weight.shape[0]
+    B, r = i.idx.shape
+    R = i.n_s + r
     dec_bm = decode_block_m(T, B) if variant in ("fused", "epilogue") else 0
     tiles = None if dec_bm else segment_tokens(i.sample_of_token, B, i.padded_len, tile_block_m(T, B))
     rows = (i.A_s, i.A_m, i.B_s, i.B_m, i.idx, i.val, i.beta_m, i.beta_s)
@@ -241,8 +269,12 @@ def linear_forward(i: LinearInputs) -> Tensor:
     return y
 
 
-def linear_backward(grad: Tensor, i: LinearInputs, needs: LinearNeeds) -> LinearGrads:
-    """The gradients named in ``needs`` (dA_m with dB_m, dA_s with dB_s); grad [T, d_out]."""
+def linear_backward(grad: Tensor, i: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
+    """The gradients named in ``needs`` (dA_m with dB_m, dA_s with dB_s); grad [T, d_out]. The extended path's
+    backward starts from the S its forward saved (recomputed once when ``saved`` is empty, e.g. after the one-pass
+    forward); the other paths recompute what they need."""
+    if _keeps_s(i):
+        return prefill.linear_backward(grad, i, saved, needs)
     x, weight, A_m, B_m, A_s, B_s, idx, val = i.x, i.weight, i.A_m, i.B_m, i.A_s, i.B_s, i.idx, i.val
     T, d_out = x.shape[0], weight.shape[0]
     B, r = idx.shape

@@ -111,7 +111,7 @@ def _cuda_extension():
             except Exception as exc:
                 if force:
                     raise
-                warnings.warn(f"pclr: the CUDA extension failed to build ({exc}); installing pure Python")
+                warnings.warn(f"pclr: the CUDA extension failed to build ({exc}); installing pure Python", stacklevel=2)
 
     return [ext], {"build_ext": _Build.with_options(use_ninja=True)}
 

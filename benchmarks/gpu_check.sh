@@ -62,10 +62,11 @@ else
 fi
 say "pytest exit $? ($(( $(date +%s) - t0 )) s): $(tail -1 "$OUT_DIR/pytest.log")"
 
-preset=gpu-check; [ "$DRY" = 1 ] && preset=smoke
-say "pclr bench --preset $preset"
-timeout "${GPU_CHECK_BENCH_S:-210}" $PY -m benchmarks.run --preset "$preset" --modes gate,fwd,fwdbwd,decode,layer \
-  --out "$OUT_DIR" --no-plots > "$OUT_DIR/bench.log" 2>&1
+bench_args=(--preset gpu-check --modes gate,fwd,fwdbwd,decode,layer)
+[ "$DRY" = 1 ] && bench_args=(--preset smoke --modes fwd,decode --providers base,pclr-reference,paper)
+say "pclr bench ${bench_args[*]}"
+timeout "${GPU_CHECK_BENCH_S:-210}" $PY -m benchmarks.run "${bench_args[@]}" --out "$OUT_DIR" --no-plots \
+  > "$OUT_DIR/bench.log" 2>&1
 say "bench exit $? ($(( $(date +%s) - t0 )) s): $(tail -2 "$OUT_DIR/bench.log" | head -1)"
 $PY benchmarks/gpu_summary.py "$OUT_DIR/bench.json" "$OUT_DIR/summary.md" 2>&1 | tee -a "$LOG"
 say "done in $(( $(date +%s) - t0 )) s -> $OUT_DIR"

@@ -109,8 +109,8 @@ def gate_topr_kernel(
     """Top-r of the scores S [B, n] by the module's ranking rule → IDX int32 [B, r], VAL fp32 [B, r].
 
     Grid: (B,) for the sample scope; (1,) for the batch scope, whose single program ranks the batch-summed scores
-    (candidates: those of every sample) and writes the same experts for every sample. CAND is int8 [B or 1, n] (stride_cand = 0 for a shared
-    [n] mask). VAL = the sample's own unmasked score (SOFT) or 1.
+    (candidates: those of every sample) and writes the same experts for every sample.
+    CAND is int8 [B or 1, n] (stride_cand = 0 for a shared [n] mask). VAL = the sample's own unmasked score (SOFT) or 1.
     """
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)

@@ -14,6 +14,7 @@ fixed order by :func:`segment_reduce_kernel` (bit-identical across runs).
 """
 import triton
 import triton.language as tl
+
 from pclr.kernels.lrp_fwd import rank_rows
 
 

@@ -16,6 +16,7 @@ the same for every token of the tile and the low-rank product is a dense GEMM on
 """
 import triton
 import triton.language as tl
+
 from pclr.kernels.gate import sample_gate
 
 
@@ -170,7 +171,8 @@ def lrp_shrink_kernel(
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """SBUF[pos, :] = X[tok]·Down_effᵀ, unscaled ACC (fp32; fp64 for fp64 inputs) [T, BLOCK_R] in sorted token order (lanes ≥ R are 0).
+    """SBUF[pos, :] = X[tok]·Down_effᵀ, unscaled ACC (fp32; fp64 for fp64 inputs) [T, BLOCK_R] in sorted token
+    order (lanes ≥ R are 0).
 
     Used for the cuBLAS-epilogue forward and, in the backward, for both u = x·A_effᵀ and dS = dY·B_effᵀ.
     Grid: (tiles,).

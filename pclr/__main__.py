@@ -1,3 +1,5 @@
-from pclr.cli import main
 import sys
+
+from pclr.cli import main
+
 sys.exit(main())

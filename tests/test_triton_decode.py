@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pclr.bench.work import WorkCounter
 
 import pclr
 from pclr import dispatch
+from pclr.bench.work import WorkCounter
 
 triton_decode = pytest.importorskip("pclr.backends.triton.decode")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),

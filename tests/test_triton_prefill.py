@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 from lrp_cases import GRAD_NAMES, make_case
-from pclr.bench.work import WorkCounter
 
 from pclr import dispatch
 from pclr.backends import reference
 from pclr.backends.base import LinearInputs, LinearNeeds
+from pclr.bench.work import WorkCounter
 
 prefill = pytest.importorskip("pclr.backends.triton.prefill")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),

@@ -148,7 +148,8 @@ def bench_main(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
     print(f"pclr bench: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"preset {args.preset}" + (f" | {CPU_LABEL}" if device.type != "cuda" else ""))
 
-    cfg = SweepConfig(device=device, preset=preset, modes=args.modes, dtypes=dtypes, label=WORK_LABEL if args.work else row_label(device),
+    cfg = SweepConfig(device=device, preset=preset, modes=args.modes, dtypes=dtypes,
+                      label=WORK_LABEL if args.work else row_label(device),
                       peaks=meta["peaks"], opts=RunOptions(interpreter=args.interpreter),
                       measure="work" if args.work else "time")
     rows = run_sweep([PROVIDERS[p] for p in args.providers], cfg,

@@ -21,8 +21,9 @@ TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s",
 WORK_TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s", "work_flops", "flops_vs_floor",
                       "work_bytes", "bytes_vs_floor", "work_launches")
 _HEADINGS = {"work_flops": "FLOPs", "flops_vs_floor": "x floor", "work_bytes": "bytes", "bytes_vs_floor": "x floor(B)",
-             "work_launches": "launches", "median_ms": "ms", "p20_ms": "p20", "p80_ms": "p80", "ratio_to_base": "x base", "tflops": "TFLOP/s",
-             "gbps": "GB/s", "peak_mem_mb": "mem MiB", "tokens_per_s": "tok/s", "d_in": "d"}
+             "work_launches": "launches", "median_ms": "ms", "p20_ms": "p20", "p80_ms": "p80",
+             "ratio_to_base": "x base", "tflops": "TFLOP/s", "gbps": "GB/s", "peak_mem_mb": "mem MiB",
+             "tokens_per_s": "tok/s", "d_in": "d"}
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

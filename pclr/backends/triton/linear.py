@@ -21,6 +21,7 @@ import triton
 from torch import Tensor
 
 from pclr.backends.base import LinearGrads, LinearInputs, LinearNeeds
+from pclr.backends.triton import decode, prefill
 from pclr.backends.triton.configs import (
     INTERPRET,
     acc_types,
@@ -36,7 +37,6 @@ from pclr.backends.triton.segments import (
     segment_tokens,
     tile_block_m,
 )
-from pclr.backends.triton import decode, prefill
 from pclr.kernels import lrp_bwd as bwd_kernels
 from pclr.options import (
     DECODE_MAX_TOKENS,
@@ -228,8 +228,6 @@ def linear_forward(i: LinearInputs) -> tuple[Tensor, list[Tensor]]:
     (see the module docstring and :func:`forward_variant`)."""
     x, weight = i.x, i.weight
     T, d_out = x.shape[0], weight.shape[0]
-    B, r = i.idx.shape
-    R = i.n_s + r
     bias = None if i.bias is None else i.bias.contiguous()
     if _empty(i):
         return base_linear(x, weight, bias), []

@@ -1,14 +1,16 @@
-"""Triton kernels of the decode-sized LRP term (T ≤ 64 tokens): each used rank row is read once for the batch.
+"""Triton kernels of the decode-sized LRP forward (T ≤ 64 tokens): W and each used rank row read once for the batch.
 
-The base x·Wᵀ + b runs as one cuBLAS GEMM (W read once for the whole batch); these two kernels add the low-rank
-term on top. Rank rows are indexed j in [0, n + n_s): j < n is pool row j, j ≥ n is shared row j - n. A row is
-*live* when it is shared or when some sample's route holds it (the usage bitmap); dead rows are never loaded.
+Two launches: a small shrink, then one GEMV-class kernel over output tiles that computes the base x·Wᵀ + b and the
+low-rank term in the same accumulator and writes y once. Rank rows are indexed j in [0, n + n_s): j < n is pool
+row j, j ≥ n is shared row j - n. A row is *live* when it is shared or when some sample's route holds it (the
+usage bitmap); dead rows are never loaded.
 
 * :func:`decode_shrink_kernel` — SG[split, t, j] = G[t, j] · Σ_{k in split} x[t, k]·A_j[k] for a chunk of rows and a
   slice of d_in, where G[t, j] = beta_m·Σ_{i: idx[b, i] = j} val[b, i] (b the sample of token t; 0 for rows the
   sample does not route to) and beta_s on shared rows. It also writes the usage bitmap USED[j].
-* :func:`decode_expand_kernel` — y[:, n-chunk] += (Σ_split SG[split])·B_live[:, n-chunk], the splits summed in a
-  fixed order (deterministic), over the live rows only.
+* :func:`decode_expand_kernel` — y[:, n-chunk] = x·W[n-chunk]ᵀ + (Σ_split SG[split])·B_live[:, n-chunk] + b, the
+  splits summed in a fixed order (deterministic), over the live rows only. The shrink must have finished: every
+  output tile needs S of every live row.
 
 Every token meets every live row in one dense tile, so no token is re-sorted by sample and no weight is streamed per
 sample: the rows a sample does not use get a zero gate, which costs FLOPs on tiny tiles but no memory traffic.
@@ -87,15 +89,18 @@ def decode_shrink_kernel(
 
 @triton.jit
 def decode_expand_kernel(
-    Y, BS, BM, SG, USED,
-    T, N, n, n_s, split,
-    stride_y, stride_bs, stride_bm, stride_sg_split, stride_sg_t,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    Y, X, W, BIAS, BS, BM, SG, USED,
+    T, K, N, n, n_s, split,
+    stride_y, stride_x, stride_w, stride_bs, stride_bm, stride_sg_split, stride_sg_t,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Y[:, n-chunk] += (Σ_split SG[split])·B_live[:, n-chunk] in place (Y holds x·Wᵀ + b).
+    """Y[:, n-chunk] = X·W[n-chunk]ᵀ + (Σ_split SG[split])·B_live[:, n-chunk] + BIAS[n-chunk], Y written once.
 
-    Y [T, N]; BS [n_s, N]; BM [n, N]; SG ACC [split, T, n + n_s]; USED int8 [n + n_s].
-    Grid: (cdiv(N, BLOCK_N),).
+    Y [T, N]; X [T, K]; W [N, K]; BIAS [N]; BS [n_s, N]; BM [n, N]; SG ACC [split, T, n + n_s];
+    USED int8 [n + n_s]. Grid: (cdiv(N, BLOCK_N),): every program streams its BLOCK_N rows of W once for all T
+    tokens (one token tile), so W is read once for the batch. Without HAS_BASE, Y already holds x·Wᵀ + b (X, W,
+    BIAS are not read) and the low-rank term is added in place.
     """
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,6 +108,16 @@ def decode_expand_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=ACC)
+    if HAS_BASE:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(X + offs_t[:, None] * stride_x + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                        other=0.0)
+            w = tl.load(W + offs_n[None, :] * stride_w + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None],
+                        other=0.0)
+            acc = tl.dot(x, w, acc=acc, input_precision="ieee")
+    # the low-rank term in the same accumulator: each live rank row of B is read once by this program
     for j0 in range(0, n + n_s, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         is_m, is_s = _row_kinds(offs_j, n, n_s)
@@ -120,5 +135,9 @@ def decode_expand_kernel(
         acc = tl.dot(sg.to(up.dtype), up, acc=acc, input_precision="ieee")
     ptrs = Y + offs_t[:, None] * stride_y + offs_n[None, :]
     mask = mask_t[:, None] & mask_n[None, :]
-    acc += tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    if HAS_BASE:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
+    else:
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(ACC)
     tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)

@@ -1,10 +1,16 @@
-"""Decode-sized LRP forward (T ≤ 64 tokens): cuBLAS base + one shrink/expand pair over the used rank rows.
+"""Decode-sized LRP forward (T ≤ 64 tokens): a shrink over the used rank rows, then one fused base + expand launch.
 
-y = x·Wᵀ + b runs as one cuBLAS GEMM, so W is read once for the whole batch (never once per sample), then
-:mod:`pclr.kernels.lrp_decode` adds the low-rank term: the shrink reads each used pool row of A (and the shared
-rows) once for all tokens and folds the gate into S; the expand reads each used row of B once per output chunk
-and adds (S ⊙ G)·B_used into y. Which rows are used comes from ``idx`` on the device (no host sync), and routes
-that point outside [0, n) contribute nothing instead of reading outside the pool.
+:mod:`pclr.kernels.lrp_decode` runs two kernels. The shrink reads each used pool row of A (and the shared rows)
+once for all tokens and folds the gate into S. The expand is a GEMV-class kernel over output tiles: each program
+holds every token in one tile, streams its rows of W once (so W is read once for the whole batch, never once per
+sample), accumulates x·W[tile]ᵀ and then (S ⊙ G)·B_used[:, tile] in the same accumulator, adds the bias and
+writes y once. Which rows are used comes from ``idx`` on the device (no host sync), and routes that point outside
+[0, n) contribute nothing instead of reading outside the pool.
+
+``fuse_base=False`` keeps the earlier split: the base as one cuBLAS GEMM and the expand adding the low-rank term
+into y in place (one more launch, y read and written once more). It stays selectable as the comparison point
+until a GPU measurement settles which is faster: every output tile of the fused kernel reads all of x from L2,
+T/block_n times the bytes of W it streams (2 × at T = 64 with the 32-column tiles of d_out = 4096).
 
 Reference semantics: :func:`pclr.backends.reference._forward`. The backward at decode sizes is the general Triton
 backward (the forward's S is not kept).
@@ -31,14 +37,18 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+def _prev_pow2(v: int) -> int:
+    return 1 << max(0, int(v).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the decode pair (the same on every device: the grids depend on shapes only).
 
     block_t: token tile (all tokens); block_j: rank rows per shrink program; expand_block_j: rank rows per expand
-    step; split: d_in slices
-    of the shrink (fixed-order sum in the expand); k_per_split: d_in elements per slice; block_k: shrink K step;
-    block_n: output columns per expand program; block_u: route entries per usage-bitmap step.
+    step; split: d_in slices of the shrink (fixed-order sum in the expand); k_per_split: d_in elements per slice;
+    block_k: shrink K step; block_n: output columns per expand program; expand_block_k: the expand's K step over
+    x·Wᵀ; block_u: route entries per usage-bitmap step.
     """
 
     block_t: int
@@ -48,6 +58,7 @@ class DecodeConfig:
     k_per_split: int
     block_k: int
     block_n: int
+    expand_block_k: int
     block_u: int
     shrink_warps: int
     expand_warps: int
@@ -58,8 +69,9 @@ def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> Deco
 
     One row chunk covers up to 128 rows so x is read once per slice; d_in is split in slices of ≥ 1024 elements
     (at most 8) to give the shrink more programs at large d_in without multiplying the partial S the expand sums.
-    Every expand program re-reads the gated S [T, rows], so small d_out takes 4 wide programs; from 4096 on
-    64-column tiles spread the B rows over the SMs.
+    The expand streams W, so its grid over output tiles must fill the machine: about 128 programs (one wave on
+    132 SMs) from d_out = 2048 on, 16-column tiles (the MMA minimum) below. Every expand program also reads all
+    of x [T, d_in] and the gated S [T, rows]: narrower tiles would add that traffic without adding parallelism.
     """
     if not 1 <= T <= DECODE_MAX_T:
         raise ValueError(f"decode takes 1..{DECODE_MAX_T} tokens, got T = {T}")
@@ -69,13 +81,14 @@ def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> Deco
     split = max(1, min(8, d_in // 1024))
     k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k  # a multiple of block_k
     split = _cdiv(d_in, k_per_split)
-    block_n = 64 if d_out >= 4096 else min(256, max(64, _next_pow2(_cdiv(d_out, 4))))
+    block_n = min(128, max(16, _prev_pow2(d_out // 128)))
+    expand_block_k = 128 if block_t <= 16 else 64  # x tile [block_t, K step] + W tile: no spills up to T = 64
     block_u = 16  # the usage test holds a [block_j, block_u] tile
     expand_block_j = min(64, block_j)  # the expand loops over rows: a smaller step keeps its tiles in registers
     shrink_warps = 8
-    expand_warps = 8 if block_t * block_n >= 64 * 64 else 4
-    return DecodeConfig(block_t, block_j, expand_block_j, split, k_per_split, block_k, block_n, block_u,
-                        shrink_warps, expand_warps)
+    expand_warps = 8 if block_t >= 32 else 4  # sm_90, T = 64: 155 registers with 8 warps, 254 with 4
+    return DecodeConfig(block_t, block_j, expand_block_j, split, k_per_split, block_k, block_n, expand_block_k,
+                        block_u, shrink_warps, expand_warps)
 
 
 def _acc(dtype: torch.dtype):
@@ -87,12 +100,13 @@ def _acc(dtype: torch.dtype):
 
 def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor, idx: Tensor,
                    val: Tensor, A_s: Tensor | None, B_s: Tensor | None, beta_m: float, beta_s: float,
-                   sot: Tensor) -> Tensor:
+                   sot: Tensor, fuse_base: bool = True) -> Tensor:
     """y [T, d_out] = x·Wᵀ + b + Σ over each token's sample's routed rows of scale·(x·A_jᵀ)·B_j.
 
     x [T, d_in] with T ≤ 64; weight [d_out, d_in]; bias [d_out] | None; A_m [n, d_in]; B_m [n, d_out];
     idx int [B, r]; val [B, r]; A_s [n_s, d_in] | None; B_s [n_s, d_out] | None; sot int [T] (sample of token).
-    Scale: beta_m·val[b, i] for pool row idx[b, i], beta_s for shared rows.
+    Scale: beta_m·val[b, i] for pool row idx[b, i], beta_s for shared rows. ``fuse_base``: the base in the expand
+    kernel (two launches, y written once) or as a cuBLAS GEMM before it (three launches).
     """
     T, d_in = x.shape
     d_out = weight.shape[0]
@@ -104,21 +118,29 @@ def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, 
     if A_m.shape[1] != d_in or B_m.shape != (n, d_out) or weight.shape[1] != d_in:
         raise ValueError(f"A_m {tuple(A_m.shape)}, B_m {tuple(B_m.shape)}, weight {tuple(weight.shape)} do not "
                          f"match x [T, {d_in}]")
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias must be [d_out = {d_out}], got {tuple(bias.shape)}")
     if sot.shape != (T,):
         raise ValueError(f"sot must be [T = {T}], got {tuple(sot.shape)}")
-    y = F.linear(x, weight, bias)  # cuBLAS: W read once for every token of the batch
     rows = n + n_s
-    if T == 0 or rows == 0 or (B * r == 0 and n_s == 0):
-        return y
+    if T == 0 or rows == 0 or (B * r == 0 and n_s == 0) or d_in == 0:
+        return F.linear(x, weight, bias)  # no low-rank term to add (or nothing to stream)
     cfg = decode_config(T, d_in, d_out, rows, B * r)
     acc_t, acc = _acc(x.dtype)
     x = x.contiguous()
+    weight = weight.contiguous()
     idx = idx.to(torch.int32).contiguous()
-    val = val.to(acc_t).contiguous()
+    val = val.contiguous()  # the shrink converts each gate value to the accumulation dtype as it loads it
     sot = sot.to(torch.int32).contiguous()
     A_m, B_m = A_m.contiguous(), B_m.contiguous()
     A_s = A_m if A_s is None else A_s.contiguous()  # never dereferenced when n_s == 0 (all its lanes are masked)
     B_s = B_m if B_s is None else B_s.contiguous()
+    if fuse_base:
+        y = torch.empty((T, d_out), dtype=x.dtype, device=x.device)
+        bias_arg = weight if bias is None else bias.contiguous()  # never dereferenced without HAS_BIAS
+    else:
+        y = F.linear(x, weight, bias)  # cuBLAS: W read once for every token of the batch
+        bias_arg = weight
     sg = torch.empty((cfg.split, T, rows), dtype=acc_t, device=x.device)
     used = torch.empty((rows,), dtype=torch.int8, device=x.device)
     lrp_decode.decode_shrink_kernel[(-(-rows // cfg.block_j), cfg.split)](
@@ -130,9 +152,11 @@ def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, 
         num_warps=cfg.shrink_warps,
     )
     lrp_decode.decode_expand_kernel[(-(-d_out // cfg.block_n),)](
-        y, B_s, B_m, sg, used,
-        T, d_out, n, n_s, cfg.split,
-        y.stride(0), B_s.stride(0), B_m.stride(0), sg.stride(0), sg.stride(1),
-        BLOCK_T=cfg.block_t, BLOCK_J=cfg.expand_block_j, BLOCK_N=cfg.block_n, ACC=acc, num_warps=cfg.expand_warps,
+        y, x, weight, bias_arg, B_s, B_m, sg, used,
+        T, d_in, d_out, n, n_s, cfg.split,
+        y.stride(0), x.stride(0), weight.stride(0), B_s.stride(0), B_m.stride(0), sg.stride(0), sg.stride(1),
+        HAS_BASE=fuse_base, HAS_BIAS=bias is not None,
+        BLOCK_T=cfg.block_t, BLOCK_J=cfg.expand_block_j, BLOCK_N=cfg.block_n, BLOCK_K=cfg.expand_block_k, ACC=acc,
+        num_warps=cfg.expand_warps,
     )
     return y

@@ -159,8 +159,6 @@ class OnePass(PclrBackend):
         return make_fn(p, layer_chain(p, linear, lambda: None), [], p.x)
 
 
-_FWD_VARIANT_NOTE = ("the linear modes time the triton forward variants separately "
-                     "(pclr-triton-fused, -epilogue, -split)")
 _NO_GATE_VARIANT = "no gate of its own: gate mode times the triton gate kernel as pclr-triton"
 _MODEL_VARIANT = "the model-level modes run pclr-triton with the forward variant chosen by shape"
 
@@ -181,10 +179,9 @@ def _triton_variant(variant: ForwardVariant) -> PclrBackend:
 PCLR_PROVIDERS: tuple[Provider, ...] = (
     PclrBackend("pclr-reference", "reference", KERNEL | MODEL, {},
                 'lrp_linear(..., backend="reference"): gathered torch, the definition of correct'),
-    PclrBackend("pclr-triton", "triton", frozenset({"gate"}) | MODEL,
-                {m: _FWD_VARIANT_NOTE for m in LINEAR},
-                "the triton gate kernel (gate mode) and the triton backend with the shape-chosen forward variant "
-                "(train/serve)", variant="auto"),
+    PclrBackend("pclr-triton", "triton", KERNEL | MODEL, {},
+                "the triton backend as dispatch runs it: its gate kernel, and the auto forward (the decode kernels "
+                "for at most 64 tokens, the extended path otherwise)", variant="auto"),
     _triton_variant("fused"),
     _triton_variant("epilogue"),
     _triton_variant("split"),

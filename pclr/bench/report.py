@@ -19,8 +19,9 @@ CHARTS_UNAVAILABLE = None if matplotlib is not None else "matplotlib is not inst
 TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s", "median_ms", "p20_ms", "p80_ms",
                   "ratio_to_base", "tflops", "gbps", "peak_mem_mb", "tokens_per_s")
 WORK_TABLE_COLUMNS = ("mode", "provider", "dtype", "d_in", "T", "B", "n", "r", "n_s", "work_flops", "flops_vs_floor",
-                      "work_bytes", "bytes_vs_floor", "work_launches")
+                      "work_bytes", "bytes_vs_floor", "unique_bytes", "unique_vs_floor", "work_launches")
 _HEADINGS = {"work_flops": "FLOPs", "flops_vs_floor": "x floor", "work_bytes": "bytes", "bytes_vs_floor": "x floor(B)",
+             "unique_bytes": "unique B", "unique_vs_floor": "x floor(uB)",
              "work_launches": "launches", "median_ms": "ms", "p20_ms": "p20", "p80_ms": "p80",
              "ratio_to_base": "x base", "tflops": "TFLOP/s", "gbps": "GB/s", "peak_mem_mb": "mem MiB",
              "tokens_per_s": "tok/s", "d_in": "d"}

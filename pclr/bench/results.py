@@ -16,6 +16,7 @@ COLUMNS: tuple[str, ...] = (
     "mode", "provider", "status", "dtype", "d_in", "d_out", "T", "B", "n", "r", "n_s", "R",
     "median_ms", "p20_ms", "p80_ms", "ratio_to_base", "tflops", "pct_peak_tflops", "gbps", "pct_peak_gbps",
     "peak_mem_mb", "tokens_per_s", "work_flops", "work_bytes", "work_launches", "flops_vs_floor", "bytes_vs_floor",
+    "unique_bytes", "unique_vs_floor",
     "note", "label",
 )
 STATUSES: tuple[str, ...] = ("ok", "skipped", "error", "oom")

@@ -10,6 +10,9 @@ duration of a ``with`` block, and a torch dispatch mode records the torch ops th
 * ``bytes_read`` / ``bytes_written``: elements of every global load / store whose mask is true (masked lanes move
   nothing) times the element size, atomics as a read and a write; torch ops count their tensor inputs as read and
   their outputs as written;
+* ``unique_bytes``: the same with each address counted once per launch: the compulsory traffic of a cache that
+  holds one launch's working set (an x tile re-read by every output tile comes from L2 on a GPU); the decode byte
+  floor is compared with this count as well as with the raw one;
 * ``launches``: Triton grid launches plus torch ops that launch a kernel (views and allocations without a fill do
   not).
 
@@ -55,15 +58,44 @@ class Work:
     bytes_read: int = 0
     bytes_written: int = 0
     launches: int = 0
+    unique_bytes_read: int = 0
+    unique_bytes_written: int = 0
     by_kernel: Counter = dataclasses.field(default_factory=Counter)
 
     @property
     def bytes(self) -> int:
         return self.bytes_read + self.bytes_written
 
+    @property
+    def unique_bytes(self) -> int:
+        """Compulsory traffic: each address a launch touches counted once per launch (a cache that holds a launch's
+        working set; re-reads of x by every output tile, which come from L2 on a GPU, are not counted again)."""
+        return self.unique_bytes_read + self.unique_bytes_written
+
     def as_dict(self) -> dict[str, Any]:
         return {"flops": self.flops, "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-                "bytes": self.bytes, "launches": self.launches, "by_kernel": dict(self.by_kernel)}
+                "bytes": self.bytes, "unique_bytes": self.unique_bytes, "launches": self.launches,
+                "by_kernel": dict(self.by_kernel)}
+
+
+class _Touched:
+    """The addresses one launch reads or writes, grouped by element size, deduplicated as they accumulate."""
+
+    _COMPACT = 1 << 22  # addresses held before deduplicating (bounds memory on large launches)
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list[np.ndarray]] = {}
+        self.held = 0
+
+    def add(self, addresses: np.ndarray, itemsize: int) -> None:
+        self.parts.setdefault(itemsize, []).append(addresses.ravel())
+        self.held += addresses.size
+        if self.held > self._COMPACT:
+            self.parts = {k: [np.unique(np.concatenate(v))] for k, v in self.parts.items()}
+            self.held = sum(v[0].size for v in self.parts.values())
+
+    def bytes(self) -> int:
+        return sum(int(np.unique(np.concatenate(v)).size) * k for k, v in self.parts.items() if v)
 
 
 def _itemsize(handle: Any) -> int:
@@ -101,8 +133,12 @@ class _TorchOps(TorchDispatchMode):
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         fill_only = name in ("zeros", "zeros_like", "fill", "fill_", "zero_", "full", "full_like", "ones", "ones_like")
         if not fill_only:
-            work.bytes_read += sum(t.numel() * t.element_size() for t in ins)
-        work.bytes_written += sum(t.numel() * t.element_size() for t in outs)
+            read = sum(t.numel() * t.element_size() for t in ins)
+            work.bytes_read += read
+            work.unique_bytes_read += read
+        written = sum(t.numel() * t.element_size() for t in outs)
+        work.bytes_written += written
+        work.unique_bytes_written += written
         if name == "linear":  # composite on CPU: x [.., K] · W [N, K]ᵀ
             x, w = args[0], args[1]
             work.flops += 2 * (x.numel() // x.shape[-1]) * w.shape[0] * w.shape[1]
@@ -137,12 +173,18 @@ class WorkCounter:
         work = self.work
         counter = self
 
+        touched = {"r": _Touched(), "w": _Touched()}
+
         def masked_load(ptrs, mask, other, cache_policy, is_volatile):
-            work.bytes_read += int(np.count_nonzero(mask.data)) * ptr_itemsize(ptrs)
+            size = ptr_itemsize(ptrs)
+            work.bytes_read += int(np.count_nonzero(mask.data)) * size
+            touched["r"].add(np.broadcast_to(ptrs.data, mask.data.shape)[mask.data], size)
             return cls.create_masked_load(builder, ptrs, mask, other, cache_policy, is_volatile)
 
         def masked_store(ptrs, value, mask, cache_policy):
-            work.bytes_written += int(np.count_nonzero(mask.data)) * _itemsize(value)
+            size = _itemsize(value)
+            work.bytes_written += int(np.count_nonzero(mask.data)) * size
+            touched["w"].add(np.broadcast_to(ptrs.data, mask.data.shape)[mask.data], size)
             return cls.create_masked_store(builder, ptrs, value, mask, cache_policy)
 
         def dot(a, b, d, input_precision, max_num_imprecise_acc):
@@ -156,6 +198,8 @@ class WorkCounter:
             live = int(np.count_nonzero(mask.data)) * _itemsize(val)
             work.bytes_read += live
             work.bytes_written += live
+            for kind in ("r", "w"):
+                touched[kind].add(np.broadcast_to(ptr.data, mask.data.shape)[mask.data], _itemsize(val))
             return cls.create_atomic_rmw(builder, rmwOp, ptr, val, mask, sem, scope)
 
         grid_call = interp.GridExecutor.__call__
@@ -164,10 +208,13 @@ class WorkCounter:
             work.launches += 1
             work.by_kernel[getattr(executor.fn, "__name__", "triton")] += 1
             counter._in_kernel = True
+            touched["r"], touched["w"] = _Touched(), _Touched()
             try:
                 return grid_call(executor, *args, **kwargs)
             finally:
                 counter._in_kernel = False
+                work.unique_bytes_read += touched["r"].bytes()
+                work.unique_bytes_written += touched["w"].bytes()
 
         patches = {"create_masked_load": masked_load, "create_masked_store": masked_store, "create_dot": dot,
                    "create_atomic_rmw": atomic_rmw}
@@ -224,7 +271,8 @@ def measure_work(shape: Shape, provider: Provider, built: Built, device: torch.d
     w = wc.work
     row = kernel_row(shape, provider, "ok", label)
     floor_f, floor_b = work_floor(shape, problem, provider, torch.finfo(shape.torch_dtype).bits // 8)
-    row.update(work_flops=w.flops, work_bytes=w.bytes, work_launches=w.launches,
+    row.update(work_flops=w.flops, work_bytes=w.bytes, work_launches=w.launches, unique_bytes=w.unique_bytes,
                flops_vs_floor=w.flops / floor_f if floor_f else "", bytes_vs_floor=w.bytes / floor_b if floor_b else "",
+               unique_vs_floor=w.unique_bytes / floor_b if floor_b else "",
                note=" ".join(f"{k}x{v}" for k, v in sorted(w.by_kernel.items())))
     return row

@@ -192,3 +192,25 @@ class LinearKernels(Protocol):
         """The gradients named in ``needs`` (others may be None). ``saved`` is empty when the forward that produced
         ``y`` was not this backend's (e.g. the one-launch gate + linear); the backward then recomputes."""
         ...
+
+
+class RecomputingKernels:
+    """:class:`LinearKernels` for a backend whose backward recomputes what it needs (its forward saves nothing).
+
+    A subclass provides ``linear_forward(inputs) -> y`` and ``linear_backward(grad_y, inputs, needs) -> LinearGrads``.
+    """
+
+    def linear_forward(self, inputs: LinearInputs) -> Tensor:
+        raise NotImplementedError
+
+    def linear_backward(self, grad_y: Tensor, inputs: LinearInputs, needs: LinearNeeds) -> LinearGrads:
+        raise NotImplementedError
+
+    def forward(self, inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
+        return self.linear_forward(inputs), []
+
+    def saved_like(self, inputs: LinearInputs) -> list[Tensor]:
+        return []
+
+    def backward(self, grad_y: Tensor, inputs: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
+        return self.linear_backward(grad_y, inputs, needs)

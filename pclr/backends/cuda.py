@@ -21,6 +21,7 @@ from pclr.backends.base import (
     LinearGrads,
     LinearInputs,
     LinearNeeds,
+    RecomputingKernels,
 )
 from pclr.backends.custom_op import make_lrp_linear_op
 from pclr.options import BackendName
@@ -115,7 +116,7 @@ def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
                                     inputs.scope == "batch", inputs.mode == "soft")
 
 
-class CudaBackend:
+class CudaBackend(RecomputingKernels):
     """The compiled-kernel backend (see the module docstring)."""
 
     name: BackendName = "cuda"
@@ -149,14 +150,8 @@ class CudaBackend:
             why.append(f"the cuda backend has no op {op!r}")
         return why
 
-    def forward(self, inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
-        return linear_forward(inputs), []
-
-    def saved_like(self, inputs: LinearInputs) -> list[Tensor]:
-        return []
-
-    def backward(self, grad_y: Tensor, inputs: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
-        return linear_backward(grad_y, inputs, needs)
+    linear_forward = staticmethod(linear_forward)
+    linear_backward = staticmethod(linear_backward)
 
     def lrp_linear(self, inputs: LinearInputs) -> Tensor:
         return self.op(inputs)

@@ -16,6 +16,7 @@ from pclr.backends.base import (
     LinearGrads,
     LinearInputs,
     LinearNeeds,
+    RecomputingKernels,
 )
 from pclr.backends.custom_op import make_lrp_linear_op
 from pclr.options import BackendName
@@ -160,7 +161,7 @@ def gate(inputs: GateInputs) -> tuple[Tensor, Tensor]:
     return idx.to(torch.int32).contiguous(), val
 
 
-class ReferenceBackend:
+class ReferenceBackend(RecomputingKernels):
     """The pure-torch backend (see the module docstring)."""
 
     name: BackendName = "reference"
@@ -171,14 +172,8 @@ class ReferenceBackend:
     def not_supported_reasons(self, op: str, inputs: object) -> list[str]:
         return []  # pure torch: every device, every floating dtype
 
-    def forward(self, inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
-        return linear_forward(inputs), []
-
-    def saved_like(self, inputs: LinearInputs) -> list[Tensor]:
-        return []
-
-    def backward(self, grad_y: Tensor, inputs: LinearInputs, saved: list[Tensor], needs: LinearNeeds) -> LinearGrads:
-        return linear_backward(grad_y, inputs, needs)
+    linear_forward = staticmethod(linear_forward)
+    linear_backward = staticmethod(linear_backward)
 
     def lrp_linear(self, inputs: LinearInputs) -> Tensor:
         return self.op(inputs)

@@ -34,6 +34,7 @@ from pclr.backends.triton.configs import (
 from pclr.backends.triton.segments import (
     Tiles,
     decode_block_m,
+    partial_row_targets,
     segment_tokens,
     tile_block_m,
 )
@@ -135,22 +136,6 @@ def launch_expand(out: Tensor, X: Tensor, W: Tensor | None, w_strides: tuple[int
     )
 
 
-def _pool_targets(idx: Tensor, trainable: Tensor | None, n: int, n_s: int, br: int, need_pool: bool,
-                  need_shared: bool) -> Tensor:
-    """Output row of each per-sample partial row [B * BLOCK_R]: pool row, n + shared row, or n + n_s (dropped)."""
-    B, r = idx.shape
-    drop = n + n_s
-    tgt = torch.full((B, br), drop, dtype=torch.int64, device=idx.device)
-    if need_shared and n_s:
-        tgt[:, :n_s] = torch.arange(n, n + n_s, device=idx.device)
-    if need_pool:
-        rows = idx.long()
-        if trainable is not None:  # frozen rows: no contribution at all, their gradient stays exactly zero
-            rows = torch.where(trainable[rows], rows, torch.full_like(rows, drop))
-        tgt[:, n_s:n_s + r] = rows
-    return tgt.reshape(-1)
-
-
 def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable: Tensor | None, n: int,
                       n_s: int, beta_m: float, beta_s: float, tiles: Tiles, *, need_pool: bool, need_shared: bool,
                       deterministic: bool) -> Tensor:
@@ -180,7 +165,7 @@ def launch_pool_grads(G: Tensor, X: Tensor, idx: Tensor, val: Tensor, trainable:
     if atomic:
         return out
     # deterministic: group the partial rows by output row (stable sort), then sum each group in a fixed order
-    tgt = _pool_targets(idx, trainable, n, n_s, br, need_pool, need_shared)
+    tgt = partial_row_targets(idx, trainable, n, n_s, br, need_pool, need_shared)
     order = torch.argsort(tgt, stable=True).to(torch.int32)
     counts = torch.zeros(n + n_s + 1, dtype=torch.int64, device=X.device).scatter_add_(0, tgt, torch.ones_like(tgt))
     starts = (counts.cumsum(0) - counts).to(torch.int32)

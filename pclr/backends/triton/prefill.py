@@ -29,7 +29,7 @@ from torch import Tensor
 from pclr.backends.base import LinearGrads, LinearInputs, LinearNeeds
 from pclr.backends.triton.configs import INTERPRET
 from pclr.backends.triton.configs import acc_types as _acc
-from pclr.backends.triton.segments import Tiles, segment_tokens, tile_block_m
+from pclr.backends.triton.segments import Tiles, partial_row_targets, segment_tokens, tile_block_m
 
 try:
     import triton
@@ -164,17 +164,7 @@ def reduce_plan(idx: Tensor, trainable: Tensor | None, n: int, n_s: int, R: int,
     hit = _TARGETS.get(key)
     if hit is not None and hit[0] is idx and hit[1] is trainable:
         return hit[2]
-    B, r = idx.shape
-    drop = n + n_s
-    tgt = torch.full((B, R), drop, dtype=torch.int64, device=idx.device)
-    if need_shared and n_s:
-        tgt[:, :n_s] = torch.arange(n, n + n_s, device=idx.device)
-    if need_pool:
-        rows = idx.long()
-        if trainable is not None:  # frozen rows: no contribution at all, their gradient stays exactly zero
-            rows = torch.where(trainable[rows], rows, torch.full_like(rows, drop))
-        tgt[:, n_s:] = rows
-    tgt = tgt.reshape(-1)
+    tgt = partial_row_targets(idx, trainable, n, n_s, R, need_pool, need_shared)
     src = torch.argsort(tgt, stable=True).to(torch.int32)
     counts = torch.zeros(n + n_s + 1, dtype=torch.int64, device=idx.device).scatter_add_(0, tgt,
                                                                                        torch.ones_like(tgt))

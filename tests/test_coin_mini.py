@@ -1,7 +1,15 @@
 """CoIN-mini generation: deterministic, cached by manifest, CoIN format, distinct tasks; interval helpers."""
 import json
 
-from pclr.demo.data.coin_mini import TASK_ORDER, difference_halfwidth, generate, wilson_interval
+from pclr.demo.data.coin_mini import (
+    TASK_ORDER,
+    difference_halfwidth,
+    generate,
+    question_template,
+    task_baselines,
+    wilson_interval,
+)
+from pclr.demo.data.scenes import POSITIONS_3x3
 
 
 def test_generate_is_deterministic_cached_and_coin_shaped(tmp_path):
@@ -27,8 +35,8 @@ def test_tasks_have_distinct_answer_vocabularies(tmp_path):
     info = generate(tmp_path, seed=0, n_train=40, n_test=1)
     vocab = {n: {r["conversations"][1]["value"] for r in json.loads(f.train_json.read_text())}
              for n, f in info.tasks.items()}
-    assert vocab["ScienceQA"] <= {"A", "B", "C"}
-    assert all(v.startswith("[") for v in vocab["Grounding"])
+    assert vocab["ScienceQA"] <= {"A", "B", "C", "D"}
+    assert vocab["Grounding"] <= set(POSITIONS_3x3) and len(vocab["Grounding"]) > 3
     assert not vocab["TextVQA"] & vocab["ImageNet"]
 
 
@@ -37,3 +45,20 @@ def test_intervals():
     assert 40 < lo < 50 < hi < 60
     assert wilson_interval(0, 10)[0] == 0.0
     assert 4.0 < difference_halfwidth(50, 50, 800) < 5.0
+
+
+def test_question_templates_blank_the_variable_words():
+    a = question_template("What colour is the object to the left of the circle?")
+    assert a == question_template("What colour is the object to the right of the diamond?")
+    assert a != question_template("What shape is the red object?")
+
+
+def test_baselines_chance_and_blind(tmp_path):
+    info = generate(tmp_path, seed=0, n_train=60, n_test=40)
+    for name, f in info.tasks.items():
+        b = task_baselines(f)
+        assert 0 < b["chance"] <= 50 and 0 <= b["blind"] <= 60, (name, b)
+    # the blind answer of a template is its most frequent training answer: VizWiz's is "unanswerable"
+    recs = json.loads(info.tasks["VizWiz"].test_json.read_text())
+    share = sum(r["conversations"][1]["value"] == "unanswerable" for r in recs) / len(recs)
+    assert task_baselines(info.tasks["VizWiz"])["blind"] == round(100 * share, 2)

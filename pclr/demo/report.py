@@ -57,6 +57,22 @@ def table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def task_table(metrics: dict) -> str:
+    """Per task: chance, blind (text-only prior), single-task LoRA and each method's final accuracy (markdown)."""
+    per = metrics.get("per_task") or {}
+    if not per:
+        return ""
+    methods = list(metrics["methods"].values())
+    f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"  # noqa: E731
+    rows = ["| Task | Chance | Blind | Single-task LoRA | " + " | ".join(f"{m['label']} final" for m in methods) + " |",
+            "|---" * (4 + len(methods)) + "|"]
+    for j, name in enumerate(metrics["tasks"]):
+        p = per.get(name, {})
+        rows.append(f"| {name} | {f(p.get('chance'))} | {f(p.get('blind'))} | {f(p.get('single_task_lora'))} | "
+                    + " | ".join(f(m["matrix"][-1][j]) for m in methods) + " |")
+    return "\n".join(rows)
+
+
 def write_report(out: Path, metrics: dict) -> list[str]:
     """metrics.json, report.md, accuracy_matrices.png, forgetting.png (each written atomically; the figures only
     when matplotlib is installed). Returns the names of the files written."""
@@ -70,6 +86,11 @@ def write_report(out: Path, metrics: dict) -> list[str]:
              f"Accuracies in %. Avg.ACC 95% Wilson interval over {n * T} test answers; a difference of two Avg.ACC "
              f"values above about {half:.1f} points (95%, worst case p = 0.5) is above sampling noise; per task "
              f"({n} answers) about {difference_halfwidth(50, 50, n):.1f} points.", "",
+             "## Per task", "", task_table(metrics), "",
+             "Chance: uniform guess among the answers the question's template admits. Blind: each question "
+             "template's most frequent training answer (a text-only prior). Single-task LoRA: the task learnt alone "
+             "by a fresh LoRA of the same rank, steps and data (also the per-task-adapter reference with an oracle "
+             "task id). Final: each method after the whole sequence.", "",
              "## Accuracy matrices (row: after training task i; column: task j)", ""]
     if plotted:
         lines += ["![accuracy matrices](accuracy_matrices.png)", "", "![forgetting](forgetting.png)", ""]

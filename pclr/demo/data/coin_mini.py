@@ -14,15 +14,22 @@ behaviour (the forgetting the benchmark is meant to expose), while each remains 
 =========  =========================================================  ===========================  =========
 task       image / question                                           answer                       scorer
 =========  =========================================================  ===========================  =========
-ScienceQA  three shapes of different sizes; which is largest/smallest  option letter "A".."C"       choice
+ScienceQA  two shapes of clearly different sizes; which shape is the   option letter "A".."D"       choice
+           largest/smallest (options: the four shapes, fixed order)
 TextVQA    a word on a sign; what is written                          the word (12-word vocab)     exact
 ImageNet   a handwritten digit (sklearn digits); what is it            "zero".."nine"               exact
-GQA        two shapes; relation / attribute questions                 colour, shape, yes/no        exact
+GQA        two shapes; colour of the one left/right of the other,     colour or shape              exact
+           shape of the one of a colour
 VizWiz     one object, sometimes dark or blurred; what shape           shape or "unanswerable"      exact
-Grounding  2-3 shapes; box of the named one                           "[x1,y1,x2,y2]" in [0, 1]    grounding
-VQAv2      1-6 shapes; counting and colour                            "1".."6", colour             exact
+Grounding  two shapes, each in its own cell of a 3x3 grid; the cell    "top left" .. "bottom right" exact
+           (region) of the named one
+VQAv2      1-4 shapes; counting and colour                            "1".."4", colour             exact
 OCR-VQA    a book cover; title / genre                                title (10) or genre (5)      exact
 =========  =========================================================  ===========================  =========
+
+Every answer needs the image: :func:`task_baselines` gives each task's chance level (uniform guessing among the
+answers its question template admits) and a blind baseline (each question template's most frequent training answer,
+the best a model that ignores the image can learn from the training set).
 """
 from __future__ import annotations
 
@@ -32,16 +39,18 @@ import os
 import random
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
+from pclr.cil.metrics import get_scorer
 from pclr.demo.data import scenes
-from pclr.demo.data.scenes import COLOURS, SHAPES
+from pclr.demo.data.scenes import COLOURS, SHAPES, POSITIONS_3x3
 
-VERSION = 1
+VERSION = 2
 TASK_ORDER: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCR-VQA")
 SHORT = "\nAnswer the question using a single word or phrase."
 SIGN_WORDS = ("stop", "exit", "open", "taxi", "cafe", "bank", "park", "shop", "hotel", "sale", "push", "bus")
@@ -97,16 +106,16 @@ def _distinct_specs(rng: random.Random, n: int, *, distinct_shapes: bool = True)
 
 
 def make_scienceqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
-    specs = _distinct_specs(rng, 3)
-    objs = scenes.place_objects(rng, size, specs, sizes=(10, 17, 25), distinct_sizes=True)
+    # fixed option order: the letter is a function of what is drawn, not of how the options were shuffled
+    specs = _distinct_specs(rng, 2)
+    objs = scenes.place_objects(rng, size, specs, sizes=(12, 30), distinct_sizes=True)
     largest = rng.random() < 0.5
     target = max(objs, key=lambda o: o.area) if largest else min(objs, key=lambda o: o.area)
-    order = rng.sample(objs, len(objs))
-    letters = _letters(len(order))
-    opts = "\n".join(f"{c}. the {o.colour} {o.shape}" for c, o in zip(letters, order))
-    q = (f"Which object in the diagram is the {'largest' if largest else 'smallest'}?\n{opts}\n"
+    letters = _letters(len(SHAPES))
+    opts = "\n".join(f"{c}. {s}" for c, s in zip(letters, SHAPES))
+    q = (f"Which shape in the diagram is the {'largest' if largest else 'smallest'}?\n{opts}\n"
          "Answer with the option's letter from the given choices directly.")
-    return scenes.scene(rng, size, objs), q, letters[order.index(target)]
+    return scenes.scene(rng, size, objs), q, letters[SHAPES.index(target.shape)]
 
 
 def make_textvqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
@@ -125,22 +134,12 @@ def make_imagenet(rng: random.Random, size: int, split: str, i: int) -> Sample:
 
 def make_gqa(rng: random.Random, size: int, split: str, i: int) -> Sample:
     specs = _distinct_specs(rng, 2)
-    objs = scenes.place_objects(rng, size, specs, sizes=(14, 18, 22))
+    objs = scenes.place_objects(rng, size, specs, sizes=(16, 20, 24))
     left, right = sorted(objs, key=lambda o: o.center[0])
-    if abs(left.center[0] - right.center[0]) < 4:  # ambiguous left/right: ask an attribute question instead
-        kind = "shape_of_colour"
-    else:
-        kind = rng.choice(["colour_of_rel", "is_rel", "shape_of_colour"])
-    if kind == "colour_of_rel":
+    if abs(left.center[0] - right.center[0]) >= size / 6 and rng.random() < 0.5:
         a, b, rel = (left, right, "left") if rng.random() < 0.5 else (right, left, "right")
         q = f"What colour is the object to the {rel} of the {b.shape}?" + SHORT
         return scenes.scene(rng, size, objs), q, a.colour
-    if kind == "is_rel":
-        a, b = rng.sample(objs, 2)
-        rel = rng.choice(["left", "right"])
-        truth = (a is left) == (rel == "left")
-        q = f"Is the {a.colour} {a.shape} to the {rel} of the {b.colour} {b.shape}?" + SHORT
-        return scenes.scene(rng, size, objs), q, "yes" if truth else "no"
     a = rng.choice(objs)
     return scenes.scene(rng, size, objs), f"What shape is the {a.colour} object?" + SHORT, a.shape
 
@@ -156,15 +155,25 @@ def make_vizwiz(rng: random.Random, size: int, split: str, i: int) -> Sample:
     return img, q, shape
 
 
+def _in_cells(rng: random.Random, size: int, specs: Sequence[tuple[str, str]]) -> list[tuple[scenes.Obj, int]]:
+    """Each shape centred (with jitter) in its own cell of a 3x3 grid; returns (object, cell index) pairs."""
+    cell = size / 3
+    out = []
+    for (shape, colour), c in zip(specs, rng.sample(range(9), len(specs))):
+        s = int(round(rng.choice((16, 20)) * size / 64))
+        cx = (c % 3 + 0.5) * cell + rng.uniform(-cell / 8, cell / 8)
+        cy = (c // 3 + 0.5) * cell + rng.uniform(-cell / 8, cell / 8)
+        x, y = int(round(cx - s / 2)), int(round(cy - s / 2))
+        out.append((scenes.Obj(shape, colour, (x, y, x + s, y + s)), c))
+    return out
+
+
 def make_grounding(rng: random.Random, size: int, split: str, i: int) -> Sample:
-    n = rng.choice([2, 3])
-    specs = _distinct_specs(rng, n)
-    objs = scenes.place_objects(rng, size, specs, sizes=(12, 16, 20, 24))
-    t = rng.choice(objs)
-    name = rng.choice([f"the {t.colour} {t.shape}", f"{t.colour} {t.shape}", f"the {t.shape}"])
-    q = f"Please provide the bounding box coordinate of the region this sentence describes: {name}."
-    box = ",".join(f"{v / size:.2f}" for v in t.box)
-    return scenes.scene(rng, size, objs), q, f"[{box}]"
+    placed = _in_cells(rng, size, _distinct_specs(rng, 2))
+    t, cell = rng.choice(placed)
+    name = rng.choice([f"the {t.colour} {t.shape}", f"the {t.colour} object", f"the {t.shape}"])
+    q = f"Which region of a 3x3 grid holds {name}? Answer like 'top left' or 'center'."
+    return scenes.scene(rng, size, [o for o, _ in placed]), q, POSITIONS_3x3[cell]
 
 
 def make_vqav2(rng: random.Random, size: int, split: str, i: int) -> Sample:
@@ -173,9 +182,9 @@ def make_vqav2(rng: random.Random, size: int, split: str, i: int) -> Sample:
         k = rng.randint(1, 4)
         others = [s for s in SHAPES if s != target]
         specs = [(target, rng.choice(list(COLOURS))) for _ in range(k)]
-        specs += [(rng.choice(others), rng.choice(list(COLOURS))) for _ in range(rng.randint(0, 2))]
+        specs += [(rng.choice(others), rng.choice(list(COLOURS))) for _ in range(rng.randint(0, 1))]
         rng.shuffle(specs)
-        objs = scenes.place_objects(rng, size, specs, sizes=(9, 11, 13))
+        objs = scenes.place_objects(rng, size, specs, sizes=(11, 13, 15))
         return scenes.scene(rng, size, objs), f"How many {target}s are there?" + SHORT, str(k)
     specs = _distinct_specs(rng, rng.choice([1, 2, 3]))
     objs = scenes.place_objects(rng, size, specs, sizes=(12, 16, 20))
@@ -199,7 +208,7 @@ TASKS: dict[str, TaskSpec] = {
     "ImageNet": TaskSpec("ImageNet", "exact", make_imagenet, "classify a handwritten digit (sklearn digits)"),
     "GQA": TaskSpec("GQA", "exact", make_gqa, "spatial relations and attributes of two shapes"),
     "VizWiz": TaskSpec("VizWiz", "exact", make_vizwiz, "name the shape, or 'unanswerable' for dark/blurred photos"),
-    "Grounding": TaskSpec("Grounding", "grounding", make_grounding, "bounding box of the named shape"),
+    "Grounding": TaskSpec("Grounding", "exact", make_grounding, "3x3-grid region of the named shape"),
     "VQAv2": TaskSpec("VQAv2", "exact", make_vqav2, "counting and colour questions"),
     "OCR-VQA": TaskSpec("OCR-VQA", "exact", make_ocrvqa, "title and genre of a book cover"),
 }
@@ -237,7 +246,7 @@ def manifest_for(seed: int, n_train: int, n_test: int, image_size: int, tasks: S
 
 
 def generate(root: str | os.PathLike, *, seed: int = 0, n_train: int = 256, n_test: int = 300,
-             image_size: int = 64, tasks: Optional[Sequence[str]] = None, force: bool = False) -> CoinMini:
+             image_size: int = 128, tasks: Optional[Sequence[str]] = None, force: bool = False) -> CoinMini:
     """Write CoIN-mini under ``root`` (or reuse it when ``root/manifest.json`` matches) and describe its files.
 
     The whole directory is written next to ``root`` and renamed into place, so an interrupted generation never
@@ -284,6 +293,49 @@ def default_root(seed: int, n_train: int, n_test: int, image_size: int) -> Path:
     """Where generated data lives by default: outside any repository, one directory per configuration."""
     base = Path(os.environ.get("PCLR_CACHE", Path.home() / ".cache" / "pclr"))
     return base / "coin-mini" / f"v{VERSION}-seed{seed}-{n_train}x{n_test}-{image_size}px"
+
+
+# --------------------------------------------------------------------------------------------------- baselines
+_TEMPLATE_WORDS = frozenset([*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), "left", "right", "largest", "smallest"])
+
+
+def question_template(question: str) -> str:
+    """The question with its variable words (colours, shapes, relations) blanked: questions that differ only in
+    those words share a template (e.g. "What colour is the object to the _ of the _?")."""
+    words = question.replace("?", " ?").replace(".", " .").split(" ")
+    return " ".join("_" if w in _TEMPLATE_WORDS else w for w in words)
+
+
+def _qa(path: Path) -> list[tuple[str, str]]:
+    recs = json.loads(Path(path).read_text())
+    return [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in recs]
+
+
+def task_baselines(files: TaskFiles) -> dict[str, float]:
+    """Chance and blind accuracy (percent) of one generated task on its test split.
+
+    chance: mean over test questions of 1 / (number of distinct answers the task's training set gives to questions
+        of the same template); the expected accuracy of a uniform guess among the admissible answers.
+    blind: each template's most frequent training answer (ties: the alphabetically first; templates never seen in
+        training: the task's most frequent answer), scored with the task's own scorer: what a text-only prior earns.
+    """
+    train, test = _qa(files.train_json), _qa(files.test_json)
+    by_template: dict[str, Counter] = {}
+    for q, a in train:
+        by_template.setdefault(question_template(q), Counter())[a] += 1
+    overall = Counter(a for _, a in train)
+    score = get_scorer(files.scorer)
+
+    def mode(c: Counter) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+    chance = blind = 0.0
+    for q, a in test:
+        c = by_template.get(question_template(q), overall)
+        chance += 1.0 / max(1, len(c))
+        blind += score(mode(c), a)
+    n = max(1, len(test))
+    return {"chance": round(100 * chance / n, 2), "blind": round(100 * blind / n, 2)}
 
 
 # --------------------------------------------------------------------------------------------------- intervals

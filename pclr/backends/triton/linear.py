@@ -80,7 +80,7 @@ def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: 
     tok = tiles.tok if tiles.tok is not None else tiles.tile_start
     shrink_kernel[(tiles.num_tiles,)](
         X, rows_or(Ds, Dm), Dm, idx, sbuf, tok, tiles.tile_sample, tiles.tile_start, tiles.tile_end,
-        T, K, n_s, idx.shape[1], X.stride(0), Dm.stride(0), idx.stride(0), sbuf.stride(0),
+        T, K, Dm.shape[0], n_s, idx.shape[1], X.stride(0), Dm.stride(0), idx.stride(0), sbuf.stride(0),
         next_pow2(T), K,
         SORTED=tiles.tok is not None, BLOCK_M=tiles.block_m, BLOCK_R=br, ACC=acc,
     )
@@ -124,7 +124,7 @@ def launch_expand(out: Tensor, X: Tensor, W: Tensor | None, w_strides: tuple[int
         X, W if has_base else dummy, bias if bias is not None else dummy, out,
         rows_or(Ds, Dm), Dm, rows_or(Us, Um), Um, idx, val, sbuf if sbuf is not None else dummy,
         tok, t_sample, t_start, t_end, sot,
-        T, K, N, n_s, r,
+        T, K, N, Dm.shape[0], n_s, r,
         X.stride(0), w_strides[0], w_strides[1], out.stride(0), Dm.stride(0), Um.stride(0), idx.stride(0),
         sbuf.stride(0) if sbuf is not None else 0,
         float(beta_m), float(beta_s),
@@ -145,8 +145,11 @@ def _pool_targets(idx: Tensor, trainable: Tensor | None, n: int, n_s: int, br: i
         tgt[:, :n_s] = torch.arange(n, n + n_s, device=idx.device)
     if need_pool:
         rows = idx.long()
+        inside = (rows >= 0) & (rows < n)  # an idx outside the pool contributes nothing (as in the kernels)
+        rows = torch.where(inside, rows, torch.full_like(rows, drop))
         if trainable is not None:  # frozen rows: no contribution at all, their gradient stays exactly zero
-            rows = torch.where(trainable[rows], rows, torch.full_like(rows, drop))
+            keep = inside & trainable[rows.clamp(max=max(n - 1, 0))] if n else inside
+            rows = torch.where(keep, rows, torch.full_like(rows, drop))
         tgt[:, n_s:n_s + r] = rows
     return tgt.reshape(-1)
 

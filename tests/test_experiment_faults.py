@@ -146,6 +146,9 @@ def test_interrupt_corrupt_overwrite_and_records(cache, reference, monkeypatch, 
     assert _figures(out) == reference
     m = json.loads((out / "metrics.json").read_text())
     assert m["total_wall_seconds"] >= sum(r["wall_seconds"] for r in m["methods"].values())
+    for method in ("lora", "pclr"):  # the wall time of phases finished before the interrupt is kept, not reset
+        records = json.loads((out / method / "ckpt" / "state.json").read_text())["records"]
+        assert m["methods"][method]["wall_seconds"] == round(sum(p["wall_seconds"] for p in records), 1) > 0
     assert "| 0 |" not in (out / "report.md").read_text()
     # 1000 bytes of 0xFF in the tensor data: refused by pclr run --resume and by pclr eval, naming the file
     ckpt = out / "pclr" / "ckpt" / "checkpoint.safetensors"

@@ -13,6 +13,10 @@ Phases of task t (each ends with an atomic checkpoint, so ``run(resume=True)`` r
                 LoRA baselines: one pool of r experts, always all chosen, all trainable (+ LwF for lora_lwf).
     "eval":     score every task seen so far; fill row t of the accuracy matrix.
 Every phase reseeds torch/python/numpy from (seed, task, phase), so a resumed run equals an uninterrupted one.
+Each checkpoint also holds the run's fingerprint (settings, data, model: a resume of another run is refused, naming
+what differs), its records (wall time and trainable parameters of every finished phase, so reports after a resume
+are complete) and a sha256 beside it (a damaged checkpoint is refused, never loaded). A fresh run refuses a
+non-empty output_dir unless ``overwrite=True``.
 Beside this phase loop: evaluation, checkpointing, distributed (sums over processes, rank-0 logs), loop (the
 optimizer steps), learning (pool set-up, L_qk) and prototypes (routing by task prototypes), all in pclr.cil.
 """

@@ -59,12 +59,13 @@ def _run(c, idx, val, backend, variant, deterministic):
     return y.detach(), x.grad, A_m.grad, B_m.grad
 
 
-@pytest.mark.parametrize("variant", ["fused", "epilogue", "split"])
+@pytest.mark.parametrize("variant, L", [("fused", 5), ("epilogue", 5), ("split", 5), ("extended", 5),
+                                        ("auto", 5), ("auto", 40)])  # auto: the decode path, then the extended one
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_out_of_pool_idx_contributes_nothing_without_validation(variant, deterministic):
+def test_out_of_pool_idx_contributes_nothing_without_validation(variant, L, deterministic):
     """With validation off, an idx outside [0, n) is masked in every gather: y and every gradient are those of the
     same route with that expert dropped (val 0 on a valid row), and no row outside the pool is touched."""
-    c = make_case(B=3, L=5, n=10, r=4, n_s=2, seed=3)
+    c = make_case(B=3, L=L, n=10, r=4, n_s=2, seed=3)
     bad = c.idx.clone()
     bad[0, 1], bad[1, 3], bad[2, 0] = 10, -1, 1 << 20  # just past the end, negative, far away
     out = (bad < 0) | (bad >= 10)

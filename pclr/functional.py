@@ -108,9 +108,6 @@ def _gate_inputs(query: Parts, keys: Parts, r: int, weights: Sequence[float] | N
     w = tuple(1.0 for _ in q) if weights is None else tuple(float(v) for v in weights)
     if len(w) != len(q):
         raise ValueError(f"weights has {len(w)} entries but query has {len(q)} parts")
-    bad_w = [v for v in w if not math.isfinite(v)]
-    if bad_w:  # host floats: checked always, no sync
-        raise ValueError(f"weights holds NaN or Inf ({bad_w}): every score would be NaN and the route arbitrary")
     device = k[0].device
     B, n = q[0].shape[0] if q[0].dim() == 2 else -1, k[0].shape[0] if k[0].dim() == 2 else -1
     for p, (qp, kp) in enumerate(zip(q, k)):
@@ -144,6 +141,9 @@ def _gate_inputs(query: Parts, keys: Parts, r: int, weights: Sequence[float] | N
             check_finite(f"query[{p}]", qp, "the gate would route arbitrarily")
         for p, kp in enumerate(k):
             check_finite(f"keys[{p}]", kp, "the gate would route arbitrarily")
+        bad_w = [v for v in w if not math.isfinite(v)]
+        if bad_w:
+            raise ValueError(f"weights holds NaN or Inf ({bad_w}): every score would be NaN, the route arbitrary")
     return GateInputs(query=q, keys=k, weights=w, r=r, candidates=candidates, scope=scope, mode=mode)
 
 

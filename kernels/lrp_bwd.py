@@ -38,7 +38,7 @@ def pool_grad_kernel(
     """
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R, ACC)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, BLOCK_R, ACC)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
     start = tl.load(SEG_START + s)

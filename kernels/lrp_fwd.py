@@ -55,17 +55,21 @@ def tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
 
 
 @triton.jit
-def rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+def rank_rows(s, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     """Sample s's active ranks: lane k < n_s is shared row k, lane n_s + i is pool row idx[s, i].
 
     Returns offs_r [BLOCK_R], is_shared, is_pool (masks), pool row (int64, 0 where unused), scale (ACC, 0 where
-    unused: lanes past R contribute nothing).
+    unused: lanes past R contribute nothing). An idx outside [0, n) is an unused lane too: every gather of the
+    pool is masked by is_pool, so such an expert contributes nothing (as if dropped) and no row outside the pool
+    is ever read or written, with or without validation.
     """
     offs_r = tl.arange(0, BLOCK_R)
     is_s = offs_r < n_s
     is_m = (offs_r >= n_s) & (offs_r < n_s + r)
     i = offs_r - n_s
     row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
+    is_m = is_m & (row >= 0) & (row < n)
+    row = tl.where(is_m, row, 0)
     v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(ACC)
     scale = tl.where(is_s, beta_s, v * beta_m).to(ACC)
     return offs_r, is_s, is_m, row, scale
@@ -133,7 +137,7 @@ def gated_tile(
 def lrp_expand_kernel(
     X, W, BIAS, OUT, DS, DM, US, UM, IDX, VAL, SBUF,
     TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT,
-    T, K, N, n_s, r,
+    T, K, N, n, n_s, r,
     stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_idx, stride_sbuf,
     beta_m, beta_s,
     key_t, key_k, key_n,  # autotune keys: shape buckets only
@@ -155,7 +159,7 @@ def lrp_expand_kernel(
         return
     s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
                                       SORTED, DECODE, BLOCK_M)
-    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, BLOCK_R, ACC)
+    offs_r, is_s, is_m, row, scale = rank_rows(s, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, BLOCK_R, ACC)
     gated_tile(X, W, BIAS, OUT, DS, DM, US, UM, SBUF, pid_n, pos, tok, mask_m, offs_r, is_s, is_m, row, scale,
                K, N, stride_x, stride_wn, stride_wk, stride_out, stride_d, stride_u, stride_sbuf,
                HAS_BASE, HAS_BIAS, ACCUMULATE, S_FROM_BUF, K_LOOP, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, ACC)
@@ -165,7 +169,7 @@ def lrp_expand_kernel(
 def lrp_shrink_kernel(
     X, DS, DM, IDX, SBUF,
     TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    T, K, n_s, r,
+    T, K, n, n_s, r,
     stride_x, stride_d, stride_idx, stride_sbuf,
     key_t, key_k,  # autotune keys: shape buckets only
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -182,7 +186,7 @@ def lrp_shrink_kernel(
         return
     s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, TILE_START, T,
                                       SORTED, False, BLOCK_M)
-    offs_r, is_s, is_m, row, _scale = rank_rows(s, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, BLOCK_R, ACC)
+    offs_r, is_s, is_m, row, _scale = rank_rows(s, IDX, IDX, stride_idx, n, n_s, r, 1.0, 1.0, BLOCK_R, ACC)
     sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -5,6 +5,7 @@ Each validates its inputs, normalises them to the packed layout and hands them t
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -24,7 +25,14 @@ from pclr.options import (
     check_choice,
 )
 from pclr.scoring import chosen_scores
-from pclr.validation import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, validation_enabled
+from pclr.validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_finite,
+    check_tensor,
+    validation_enabled,
+    warn_frozen_base,
+)
 
 Parts = Tensor | Sequence[Tensor]
 
@@ -123,9 +131,19 @@ def _gate_inputs(query: Parts, keys: Parts, r: int, weights: Sequence[float] | N
             fewest = int(candidates.sum(-1).min()) if B > 0 or candidates.dim() == 1 else n
             if r > fewest:
                 raise ValueError(f"r ({r}) exceeds the number of candidates ({fewest}) in candidates")
+            if scope == "batch" and candidates.dim() == 2 and B > 0:
+                common = int(candidates.all(0).sum())
+                if r > common:
+                    raise ValueError(f"scope='batch' picks the same experts for every sample, from the experts "
+                                     f"that are candidates of every row of candidates [B, n]; only {common} are, "
+                                     f"fewer than r ({r})")
         for p, qp in enumerate(q):
-            if not bool(torch.isfinite(qp).all()):
-                raise ValueError(f"query[{p}] holds NaN or Inf: the gate would route arbitrarily")
+            check_finite(f"query[{p}]", qp, "the gate would route arbitrarily")
+        for p, kp in enumerate(k):
+            check_finite(f"keys[{p}]", kp, "the gate would route arbitrarily")
+        bad_w = [v for v in w if not math.isfinite(v)]
+        if bad_w:
+            raise ValueError(f"weights holds NaN or Inf ({bad_w}): every score would be NaN, the route arbitrary")
     return GateInputs(query=q, keys=k, weights=w, r=r, candidates=candidates, scope=scope, mode=mode)
 
 
@@ -265,6 +283,7 @@ def _linear_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, 
     d_out = weight.shape[0]
     if bias is not None:
         check_tensor("bias", bias, shape=(d_out,), dtypes=(dtype,), device=device, expected=f"[{d_out}]")
+    warn_frozen_base(weight, bias)
     check_tensor("A_m", A_m, shape=(None, d_in), dtypes=(dtype,), device=device, expected=f"[n, {d_in}]")
     n = A_m.shape[0]
     check_tensor("B_m", B_m, shape=(n, d_out), dtypes=(dtype,), device=device, expected=f"[{n}, {d_out}] (n of A_m)")

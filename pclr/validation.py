@@ -6,12 +6,17 @@ device→host sync, so they run only in *validation mode*:
 * ``PCLR_VALIDATE=1`` / ``pclr.set_validation(True)``  always on (eager GPU debugging);
 * ``PCLR_VALIDATE=0`` / ``pclr.set_validation(False)`` always off;
 * default: on for CPU tensors, off for GPU tensors; always off while ``torch.compile`` traces or a CUDA graph
-  is being captured (a sync there would break the graph). Off never means a wrong route silently: kernels clamp
-  nothing, so an out-of-range index on GPU is a device-side fault, not a plausible-looking answer.
+  is being captured (a sync there would break the graph).
+
+With validation off nothing is read outside the pool: the gate never emits an index outside [0, n), and the
+Triton ``lrp_linear`` kernels mask every gather of a pool row by 0 <= idx < n, so an out-of-range idx contributes
+nothing to y or to any gradient (exactly as if that expert were dropped from the route). Validation mode turns
+such an idx, and NaN / Inf queries, keys or weights of the gate, into an error naming the argument instead.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +24,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _mode: bool | None = None
+_warned_frozen_base = False
 
 
 def set_validation(enabled: bool | None) -> None:
@@ -68,3 +74,23 @@ def check_tensor(name: str, t, *, ndim: int | None = None, shape: Sequence | Non
                 raise ValueError(f"{name} must have shape {desc}, got {tuple(t.shape)} (dim {dim}: {got} != {want})")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the inputs are on {device}; move it to {device}")
+
+
+def check_finite(name: str, t: torch.Tensor, consequence: str) -> None:
+    """Raise ValueError naming ``name`` when ``t`` holds NaN or Inf (a host sync: validation mode only)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or Inf: {consequence}")
+
+
+def warn_frozen_base(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Warn (once per process) when the base ``weight`` / ``bias`` asks for a gradient: the LRP ops treat the base
+    as frozen and compute no gradient for it, which would otherwise go unnoticed (its .grad stays None)."""
+    global _warned_frozen_base
+    if _warned_frozen_base or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return
+    asked = [n for n, t in (("weight", weight), ("bias", bias)) if t is not None and t.requires_grad]
+    if asked:
+        _warned_frozen_base = True
+        warnings.warn(f"{' and '.join(asked)} require grad, but the base linear is frozen in pclr's LRP ops: no "
+                      "gradient is computed for it (train the pool A_m / B_m, or call .requires_grad_(False) on "
+                      "the base to silence this warning)", UserWarning, stacklevel=3)

@@ -61,15 +61,26 @@ gate_scores_kernel(const T* __restrict__ q, const T* __restrict__ k, int B, int 
 // ---- top-r ----------------------------------------------------------------------------------------------------
 // Launch geometry: one block of 512 threads per sample (grid = B) or one block for batch scope. The block builds a
 // 64-bit key per expert, (order-preserving bits of the score) << 32 | (~j), so a descending sort orders by score
-// and, among equal scores, by lower index first: exactly the reference's stable descending sort. Masked experts get
-// -inf; the padding up to a power of two gets key 0, below every real key (even -inf). A bitonic sort of <= 4096
-// keys in shared memory (32 KB) is ~80 barrier-separated passes: simple, deterministic and never data-dependent.
+// and, among equal scores, by lower index first: exactly the reference's stable descending sort. The score bits
+// come in three tiers, as in the Triton gate: candidates with a number (finite or +-inf) by value, then candidates
+// whose score is NaN (any sign or payload), then non-candidates; so the top r are never a NaN or a non-candidate
+// while a number remains. The padding up to a power of two gets key 0, below every real key. A bitonic sort of
+// <= 4096 keys in shared memory (32 KB) is ~80 barrier-separated passes: simple, deterministic, never data-dependent.
 constexpr int kTopkThreads = 512;
+constexpr uint32_t kNaNTier = 1u;       // below order_bits(-inf) = 0x007fffff, above kNotCandidate
+constexpr uint32_t kNotCandidate = 0u;  // (key 0 overall stays free for the padding: the index half is ~j != 0)
 
+// Order-preserving bits of a number: a > b (as floats) <=> order_bits(a) > order_bits(b); -0 ties +0. Never
+// called with NaN (see rank_bits): NaN's raw bits would land above +inf or below -inf depending on its sign.
 __device__ __forceinline__ uint32_t order_bits(float f) {
   uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) == 0u) u = 0u;  // -0 == +0: must tie, not order
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ uint32_t rank_bits(float s, bool candidate) {
+  if (!candidate) return kNotCandidate;
+  return isnan(s) ? kNaNTier : order_bits(s);
 }
 
 __global__ void __launch_bounds__(kTopkThreads)
@@ -80,18 +91,19 @@ gate_topk_kernel(const float* __restrict__ score, int B, int n, int n_pad, int r
   for (int j = threadIdx.x; j < n_pad; j += blockDim.x) {
     unsigned long long key = 0ull;
     if (j < n) {
-      float s;
-      if (batch) {  // the reference masks per sample, then sums over the batch: one masked sample gives -inf
-        s = 0.0f;
+      float s = 0.0f;
+      bool ok = true;
+      if (batch) {  // the batch-summed score; a candidate only if it is one for every sample (the intersection)
         for (int bb = 0; bb < B; ++bb) {
-          const bool ok = cand == nullptr || cand[bb * cand_stride + j];
-          s += ok ? score[static_cast<int64_t>(bb) * n + j] : -INFINITY;
+          ok = ok && (cand == nullptr || cand[bb * cand_stride + j]);
+          s += score[static_cast<int64_t>(bb) * n + j];
         }
       } else {
-        const bool ok = cand == nullptr || cand[b * cand_stride + j];
-        s = ok ? score[static_cast<int64_t>(b) * n + j] : -INFINITY;
+        ok = cand == nullptr || cand[b * cand_stride + j];
+        s = score[static_cast<int64_t>(b) * n + j];
       }
-      key = (static_cast<unsigned long long>(order_bits(s)) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(j));
+      key = (static_cast<unsigned long long>(rank_bits(s, ok)) << 32) |
+            static_cast<uint32_t>(~static_cast<uint32_t>(j));
     }
     keys[j] = key;
   }

@@ -26,6 +26,7 @@ from pclr.bench.report import (
 )
 from pclr.bench.results import status_counts
 from pclr.bench.shapes import CPU_LABEL, DTYPES, MODES, PRESETS, WORK_LABEL, Preset
+from pclr.writable import unwritable_reason
 
 DESCRIPTION = ("Benchmark the LRP kernels against base Linear, the paper's formulation, dense and PEFT LoRA: every "
                "provider on identical inputs, one row per provider and point.")
@@ -142,6 +143,9 @@ def bench_main(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
     if any(d not in DTYPES for d in dtypes):
         return _fail(f"--dtypes must be among {list(DTYPES)}, got {dtypes}")
     out_dir = args.out or os.path.join("benchmarks", "results", device_slug(device))
+    problem = unwritable_reason(out_dir)
+    if problem:
+        return _fail(f"--out: {problem}")
     os.makedirs(out_dir, exist_ok=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     meta = collect_meta(device, args.preset, args.modes, args.providers, argv)

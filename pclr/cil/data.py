@@ -43,6 +43,22 @@ def load_coin_json(source: Union[str, os.PathLike, Sequence[dict]]) -> list[dict
     return data
 
 
+def check_samples(samples: Sequence[dict], where: str = "samples") -> None:
+    """Raise ValueError naming the sample id (and ``where``) for a sample the trainer could not use: no
+    ``conversations`` list, a turn with an unknown role, or no assistant ("gpt") turn to learn or score."""
+    for i, s in enumerate(samples):
+        sid = s.get("id", f"#{i}") if isinstance(s, dict) else f"#{i}"
+        conv = s.get("conversations") if isinstance(s, dict) else None
+        if not isinstance(conv, list):
+            raise ValueError(f"{where}: sample {sid!r} has no 'conversations' list (CoIN / LLaVA format expected)")
+        for turn in conv:
+            if not isinstance(turn, dict) or _ROLES.get(turn.get("from")) is None or "value" not in turn:
+                raise ValueError(f"{where}: sample {sid!r} has a turn that is not {{'from': one of "
+                                 f"{sorted(_ROLES)}, 'value': text}}: {turn!r}"[:300])
+        if not any(_ROLES[t["from"]] == "assistant" for t in conv):
+            raise ValueError(f"{where}: sample {sid!r} has no gpt (assistant) turn: nothing to learn or score")
+
+
 class CoINDataset(Dataset):
     """A list of CoIN samples plus the image root their ``image`` paths are relative to."""
 
@@ -118,7 +134,10 @@ class CoINCollator:
     def _encode(self, sample: dict, has_image: bool):
         msgs = self._messages(sample, has_image)
         if self.mode == "generate":
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+            if not turns:
+                raise ValueError(f"sample {sample.get('id')!r} has no gpt (assistant) turn to generate")
+            last = turns[-1]
             msgs = msgs[:last]
             text = self._render(msgs, True)
         else:

@@ -13,6 +13,10 @@ Phases of task t (each ends with an atomic checkpoint, so ``run(resume=True)`` r
                 LoRA baselines: one pool of r experts, always all chosen, all trainable (+ LwF for lora_lwf).
     "eval":     score every task seen so far; fill row t of the accuracy matrix.
 Every phase reseeds torch/python/numpy from (seed, task, phase), so a resumed run equals an uninterrupted one.
+Each checkpoint also holds the run's fingerprint (settings, data, model: a resume of another run is refused, naming
+what differs), its records (wall time and trainable parameters of every finished phase, so reports after a resume
+are complete) and a sha256 beside it (a damaged checkpoint is refused, never loaded). A fresh run refuses a
+non-empty output_dir unless ``overwrite=True``.
 Beside this phase loop: evaluation, checkpointing, distributed (sums over processes, rank-0 logs), loop (the
 optimizer steps), learning (pool set-up, L_qk) and prototypes (routing by task prototypes), all in pclr.cil.
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -30,18 +36,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from pclr.cil.checkpointing import RunState, checkpoint_path, load_checkpoint, save_checkpoint
+from pclr.cil.checkpointing import CheckpointError, RunState, checkpoint_path, load_checkpoint, save_checkpoint
 from pclr.cil.compression import compress_pool, kept_count
 from pclr.cil.config import CILConfig, Task
-from pclr.cil.data import CoINCollator, load_coin_json
+from pclr.cil.data import CoINCollator, check_samples, load_coin_json
 from pclr.cil.distributed import Distributed, RunLog
 from pclr.cil.evaluation import CollatorFactory, Evaluator, answer_logits, split_to
+from pclr.cil.fingerprint import fingerprint_diff, model_digest, run_fingerprint
 from pclr.cil.integration import TaskSampler, close_integration, open_for_integration, topk_sqrt_kl
 from pclr.cil.learning import nearest_experts, prepare_lora, qk_loss, route_among_new, task_query_keys
 from pclr.cil.loop import LossFn, local_batches, train_steps
 from pclr.cil.lwf import is_group_start, lwf_loss
 from pclr.cil.metrics import CILResults, get_scorer
 from pclr.cil.prototypes import batch_query, prefill_nearest_prototype_routes, prefill_prototype_routes, task_prototype
+from pclr.cil.records import RunRecords, trainable_lrp_params
 from pclr.cil.schedule import pool_plan
 from pclr.cil.teacher import LRPSnapshot
 from pclr.hf_anatomy import POOL_ATTR
@@ -50,6 +58,8 @@ from pclr.models.bundle import ModelBundle
 from pclr.query import QueryExtractor
 
 PHASES = ("compress", "integrate", "learn", "eval")
+# what a run writes into its output_dir (removed by run(overwrite=True), nothing else is)
+RUN_FILES = ("ckpt", "log.jsonl", "tb", "results.json", "results.md", "accuracy.png")
 
 
 class CILTrainer:
@@ -68,7 +78,7 @@ class CILTrainer:
             conversations; see it for the batch keys the trainer reads).
 
     Raises ValueError before any training for an invalid setup: schedule over budget, unknown target modules,
-    unknown scorer, empty task data.
+    unknown scorer, empty task data, a sample without an assistant turn.
     """
 
     def __init__(self, bundle: Union[ModelBundle, nn.Module], config: CILConfig, tasks: Sequence[Task],
@@ -93,6 +103,8 @@ class CILTrainer:
         for t, tr, te in zip(self.tasks, self.train_data, self.test_data):
             if not tr or not te:
                 raise ValueError(f"tasks: task {t.name!r} has no training or no test samples")
+            check_samples(tr, f"task {t.name!r} (train)")
+            check_samples(te, f"task {t.name!r} (test)")
 
         # ---- the pool plan (validated before the model is touched)
         cfg, T = config, len(self.tasks)
@@ -101,6 +113,8 @@ class CILTrainer:
 
         # ---- model
         self.model = bundle.model
+        self.fingerprint = run_fingerprint(config, self.tasks, self.train_data, self.test_data,
+                                           model_digest(self.model))
         if not lrp_pools(self.model):
             inject_lrp(self.model, self.lrp_config)
         self.pools = list(lrp_pools(self.model).values())
@@ -120,6 +134,8 @@ class CILTrainer:
         self.prototypes: dict[int, list] = {}  # expert-task id -> [Prototype | None per pool]
         self.kl_values: dict[int, float] = {}
         self.teacher: Optional[LRPSnapshot] = None  # pre-compression pool of the current task
+        self.records = RunRecords()
+        self._phase_trainable: Optional[int] = None  # set by a learn phase, recorded when it finishes
 
     # =========================================================================================== public API
     def phases(self, t: int) -> list[str]:
@@ -135,11 +151,20 @@ class CILTrainer:
             out.append("eval")
         return out
 
-    def run(self, resume: bool = False) -> CILResults:
-        """Train on every task in order (continuing from ``output_dir`` when ``resume``); returns the results."""
+    def run(self, resume: bool = False, overwrite: bool = False) -> CILResults:
+        """Train on every task in order; returns the results.
+
+        resume: continue from ``output_dir``'s checkpoint (when there is one); it must have been written by the same
+            run (same settings, data and model), else CheckpointError names the fields that differ.
+        overwrite: start over in a non-empty ``output_dir``, removing what an earlier run wrote there. Without it
+            (and without ``resume``) a non-empty ``output_dir`` is refused with FileExistsError before any work.
+        """
         os.makedirs(self.output_dir, exist_ok=True)
         if resume and os.path.exists(self.checkpoint_path):
             self.load_checkpoint()
+        elif not resume:
+            self._claim_output_dir(overwrite)
+        self.dist.barrier()  # every process has checked the directory before the main one writes into it
         self.log.open()
         try:
             for t in range(len(self.tasks)):
@@ -148,7 +173,10 @@ class CILTrainer:
                         continue
                     self._seed(t, phase)
                     self.log.log({"event": "phase_start", "task": t, "phase": phase})
+                    self._phase_trainable = None
+                    start = time.perf_counter()
                     getattr(self, f"_phase_{phase}")(t)
+                    self.records.add(t, phase, time.perf_counter() - start, self._phase_trainable)
                     self.done.append((t, phase))
                     self.save_checkpoint()
         finally:
@@ -184,19 +212,51 @@ class CILTrainer:
     def checkpoint_path(self) -> str:
         return checkpoint_path(self.output_dir)
 
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        """Refuse a non-empty output_dir (a second run would mix with the first: log.jsonl appended, checkpoint
+        replaced), or with ``overwrite`` remove what a run writes there."""
+        existing = sorted(os.listdir(self.output_dir))
+        if not existing:
+            return
+        if not overwrite:
+            raise FileExistsError(f"output_dir {self.output_dir!r} is not empty (holds {', '.join(existing[:5])}"
+                                  f"{', ...' if len(existing) > 5 else ''}); pass resume=True to continue its run "
+                                  "or overwrite=True to start over")
+        if self.is_main:
+            for name in RUN_FILES:
+                p = os.path.join(self.output_dir, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+
     def save_checkpoint(self) -> None:
         """Checkpoint the LRP tensors and the run state (main process; the others wait)."""
         if self.is_main:
-            state = RunState(self.done, self.matrix, self.kl_values, self.prototypes, self.teacher)
+            state = RunState(self.done, self.matrix, self.kl_values, self.prototypes, self.teacher,
+                             fingerprint=self.fingerprint, records=self.records.to_list())
             save_checkpoint(self.checkpoint_path, self.model, state, len(self.pools), [t.name for t in self.tasks],
                             self.config.to_dict())
         self.dist.barrier()
 
     def load_checkpoint(self) -> None:
-        """Restore the LRP tensors and the run state from ``output_dir``'s checkpoint."""
-        state = load_checkpoint(self.checkpoint_path, self.model, [t.name for t in self.tasks], self.device)
+        """Restore the LRP tensors, the run state and the records from ``output_dir``'s checkpoint.
+
+        Raises CheckpointError (a ValueError) when the checkpoint is damaged or was written by a run with other
+        settings, data or model; the message names the fields that differ. Nothing is loaded then."""
+        state = load_checkpoint(self.checkpoint_path, self.model, [t.name for t in self.tasks], self.device,
+                                check=self._check_fingerprint)
         self.done, self.matrix, self.kl_values = state.done, state.matrix, state.kl_values
         self.prototypes, self.teacher = state.prototypes, state.teacher
+        self.records = RunRecords.from_list(state.records)
+
+    def _check_fingerprint(self, stored: dict) -> None:
+        diff = fingerprint_diff(stored, self.fingerprint)
+        if diff:
+            raise CheckpointError(f"checkpoint {self.checkpoint_path} was written by a different run; it differs "
+                                  f"in {len(diff)} field(s): " + "; ".join(diff[:8])
+                                  + ("; ..." if len(diff) > 8 else "")
+                                  + ". Use another output_dir, or repeat the original settings")
 
     # =========================================================================================== phases
     def _phase_compress(self, t: int) -> None:
@@ -291,6 +351,7 @@ class CILTrainer:
             return loss, info
 
         steps = max(1, math.ceil(cfg.epochs * self._steps_per_epoch(t)))
+        self._phase_trainable = trainable_lrp_params(self.pools, self.lora)
         self._train(t, "learn", params, loss_fn, steps, cfg.lr)
         for pool in self.pools:
             pool.set_candidates(None, None)

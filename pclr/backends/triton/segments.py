@@ -102,8 +102,8 @@ def segment_tokens(sot: Tensor, num_samples: int, padded_len: int, block_m: int)
 def partial_row_targets(idx: Tensor, trainable: Tensor | None, n: int, n_s: int, width: int, need_pool: bool,
                         need_shared: bool) -> Tensor:
     """Output row of each per-sample partial rank row, int64 [B * width]: lane k < n_s is shared row k (written to
-    n + k), lane n_s + i is pool row idx[s, i]; lanes not needed, frozen pool rows (exactly zero gradient) and
-    padding lanes go to the dropped row n + n_s."""
+    n + k), lane n_s + i is pool row idx[s, i]; lanes not needed, frozen pool rows (exactly zero gradient), indices
+    outside [0, n) and padding lanes go to the dropped row n + n_s."""
     B, r = idx.shape
     drop = n + n_s
     tgt = torch.full((B, width), drop, dtype=torch.int64, device=idx.device)
@@ -111,7 +111,10 @@ def partial_row_targets(idx: Tensor, trainable: Tensor | None, n: int, n_s: int,
         tgt[:, :n_s] = torch.arange(n, n + n_s, device=idx.device)
     if need_pool:
         rows = idx.long()
+        inside = (rows >= 0) & (rows < n)  # an idx outside the pool contributes nothing (as in the kernels)
+        rows = torch.where(inside, rows, torch.full_like(rows, drop))
         if trainable is not None:  # frozen rows: no contribution at all, their gradient stays exactly zero
-            rows = torch.where(trainable[rows], rows, torch.full_like(rows, drop))
+            keep = inside & trainable[rows.clamp(max=max(n - 1, 0))] if n else inside
+            rows = torch.where(keep, rows, torch.full_like(rows, drop))
         tgt[:, n_s:n_s + r] = rows
     return tgt.reshape(-1)

@@ -177,8 +177,10 @@ def registry() -> list[Entry]:
               d.shrink_warps, 3)], floats=("beta_m", "beta_s")))
         out.append(Entry(
             f"decode_expand[T={T}]", "lrp_decode", "decode_expand_kernel", "default",
-            {"Y": bf, "BS": bf, "BM": bf, "SG": "*fp32", "USED": "*i8"}, {"ACC": f32},
-            [({"BLOCK_T": d.block_t, "BLOCK_J": d.expand_block_j, "BLOCK_N": d.block_n}, d.expand_warps, 3)]))
+            {"Y": bf, "X": bf, "W": bf, "BIAS": bf, "BS": bf, "BM": bf, "SG": "*fp32", "USED": "*i8"},
+            {"ACC": f32, "HAS_BASE": True, "HAS_BIAS": True},
+            [({"BLOCK_T": d.block_t, "BLOCK_J": d.expand_block_j, "BLOCK_N": d.block_n, "BLOCK_K": d.expand_block_k},
+              d.expand_warps, 3)]))
 
     # --- comparison paths: fused / split / epilogue forward and their backward ------------------------------------
     expand_ptrs = {"X": bf, "W": bf, "BIAS": bf, "OUT": bf, "DS": bf, "DM": bf, "US": bf, "UM": bf, "IDX": "*i32",

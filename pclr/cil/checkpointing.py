@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from pclr.cil.fingerprint import fingerprint_diff
 from pclr.cil.prototypes import Prototype
 from pclr.cil.teacher import LRPSnapshot
 from pclr.inject import load_lrp_state_dict, lrp_state_dict
@@ -32,6 +34,38 @@ SHA_SUFFIX = ".sha256"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted: checksum mismatch, unreadable, non-finite tensors, another run's."""
+
+
+RUN_FILES = ("ckpt", "log.jsonl", "tb", "results.json", "results.md", "accuracy.png")
+"""What a trainer run writes in its output_dir (removed by ``overwrite``)."""
+
+
+def claim_output_dir(output_dir: str, overwrite: bool, is_main: bool = True) -> None:
+    """Refuse a non-empty ``output_dir`` (a second run would mix with the first: log.jsonl appended, checkpoint
+    replaced), or with ``overwrite`` remove what a run writes there (on the main process)."""
+    existing = sorted(os.listdir(output_dir))
+    if not existing:
+        return
+    if not overwrite:
+        raise FileExistsError(f"output_dir {output_dir!r} is not empty (holds {', '.join(existing[:5])}"
+                              f"{', ...' if len(existing) > 5 else ''}); pass resume=True to continue its run "
+                              "or overwrite=True to start over")
+    if is_main:
+        for name in RUN_FILES:
+            p = os.path.join(output_dir, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+
+
+def check_fingerprint(stored: dict, current: dict, path: str) -> None:
+    """CheckpointError naming the fields in which the run that wrote checkpoint ``path`` differs from this one."""
+    diff = fingerprint_diff(stored, current)
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was written by a different run; it differs in {len(diff)} "
+                              "field(s): " + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "")
+                              + ". Use another output_dir, or repeat the original settings")
 
 
 def checkpoint_path(output_dir: str) -> str:

@@ -2,7 +2,7 @@
 query-key loss that pulls the new keys towards the task's queries."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +91,34 @@ def qk_loss(query: Sequence[Tensor], has_image: Tensor, pools: Sequence[KeyPool]
             top = score.topk(r, dim=-1).values
             total = total + (1.0 - top).abs().sum(1).div(r).sum() / counts[0].clamp_min(1)
     return total / max(n_pools, 1)
+
+
+def open_task_experts(pools: Sequence[KeyPool], plan: Any, tid: int, lrp_config: LRPConfig,
+                      mean_query: Callable[[], tuple[Tensor, ...]], nearest: bool, key_init: str, seed: int) -> None:
+    """Freeze every pool and open task ``tid``'s experts for learning: on a growth event (``plan`` not None) add
+    ``plan.n_new`` experts, copied from the experts nearest to the task's mean query when ``nearest``, else with keys
+    at the task query when ``key_init == "task_query"``; inside a pclr_lwf group (no plan) reopen the group's
+    experts. Then route among the new experts only."""
+    for pool in pools:
+        pool.freeze()
+    if plan is not None:
+        copy_from = keys = None
+        if nearest:
+            copy_from = nearest_experts(pools, mean_query(), plan.n_new, lrp_config.query_weights)
+        if key_init == "task_query" and copy_from is None:
+            keys = task_query_keys(mean_query(), plan.n_new, torch.Generator().manual_seed(seed))
+        for i, pool in enumerate(pools):
+            pool.grow(plan.n_new, task=tid, copy_from=None if copy_from is None else copy_from[i], keys=keys)
+    else:
+        for pool in pools:
+            pool.unfreeze(pool.task_of_expert == tid)
+    route_among_new(pools, lrp_config.r)
+
+
+def set_inference_candidates(pools: Sequence[KeyPool], lora: bool) -> None:
+    """Inference routing: every expert may be chosen (PCLR), or every rank is always on (the LoRA baselines)."""
+    for pool in pools:
+        if lora:
+            pool.set_candidates(None, always=torch.arange(pool.n, device=pool.trainable.device))
+        else:
+            pool.set_candidates(None, None)

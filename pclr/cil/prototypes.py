@@ -11,12 +11,14 @@ sample's query and written into the routing context's cache before the forward, 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pclr.hf_anatomy import POOL_ATTR
 from pclr.modules import KeyPool
 from pclr.query import QueryExtractor
 from pclr.routing import RoutingState
@@ -96,3 +98,16 @@ def prefill_nearest_prototype_routes(state: RoutingState, pools: Sequence[KeyPoo
         if rows is not None:
             idx, val = idx[rows].contiguous(), val[rows].contiguous()
         state.cache[id(pool)] = (idx, val)
+
+
+@contextmanager
+def prototype_route(ctx: Any, extractor: Any, pools: Sequence[Any], prototypes: Any, model_in: dict, rest: dict,
+                    device: Any) -> Iterator[Any]:
+    """The routing context ``ctx`` of a batch with each sample routed, per pool, by its nearest task prototype (the
+    projector's pool sees one row per image, not per sample)."""
+    query = batch_query(extractor, model_in, rest)
+    proj_pool = getattr(extractor.projector, POOL_ATTR, None)
+    image_rows = {} if proj_pool is None else {id(proj_pool): rest["has_image"].to(device).nonzero()[:, 0]}
+    with ctx as state:
+        prefill_nearest_prototype_routes(state, pools, prototypes, query, image_rows)
+        yield state

@@ -25,10 +25,8 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,30 +34,35 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from pclr.cil.checkpointing import CheckpointError, RunState, checkpoint_path, load_checkpoint, save_checkpoint
+from pclr.cil.checkpointing import (
+    RunState,
+    check_fingerprint,
+    checkpoint_path,
+    claim_output_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pclr.cil.compression import compress_pool, kept_count
 from pclr.cil.config import CILConfig, Task
 from pclr.cil.data import CoINCollator, check_samples, load_coin_json
 from pclr.cil.distributed import Distributed, RunLog
 from pclr.cil.evaluation import CollatorFactory, Evaluator, answer_logits, split_to
-from pclr.cil.fingerprint import fingerprint_diff, model_digest, run_fingerprint
+from pclr.cil.fingerprint import model_digest, run_fingerprint
 from pclr.cil.integration import TaskSampler, close_integration, open_for_integration, topk_sqrt_kl
-from pclr.cil.learning import nearest_experts, prepare_lora, qk_loss, route_among_new, task_query_keys
+from pclr.cil.learning import open_task_experts, prepare_lora, qk_loss, set_inference_candidates
 from pclr.cil.loop import LossFn, local_batches, train_steps
 from pclr.cil.lwf import is_group_start, lwf_loss
 from pclr.cil.metrics import CILResults, get_scorer
-from pclr.cil.prototypes import batch_query, prefill_nearest_prototype_routes, prefill_prototype_routes, task_prototype
+from pclr.cil.prototypes import batch_query, prefill_prototype_routes, prototype_route, task_prototype
 from pclr.cil.records import RunRecords, trainable_lrp_params
 from pclr.cil.schedule import pool_plan
 from pclr.cil.teacher import LRPSnapshot
-from pclr.hf_anatomy import POOL_ATTR
 from pclr.inject import inject_lrp, lrp_layers, lrp_pools
 from pclr.models.bundle import ModelBundle
 from pclr.query import QueryExtractor
 
 PHASES = ("compress", "integrate", "learn", "eval")
 # what a run writes into its output_dir (removed by run(overwrite=True), nothing else is)
-RUN_FILES = ("ckpt", "log.jsonl", "tb", "results.json", "results.md", "accuracy.png")
 
 
 class CILTrainer:
@@ -163,7 +166,7 @@ class CILTrainer:
         if resume and os.path.exists(self.checkpoint_path):
             self.load_checkpoint()
         elif not resume:
-            self._claim_output_dir(overwrite)
+            claim_output_dir(self.output_dir, overwrite, self.is_main)
         self.dist.barrier()  # every process has checked the directory before the main one writes into it
         self.log.open()
         try:
@@ -212,24 +215,6 @@ class CILTrainer:
     def checkpoint_path(self) -> str:
         return checkpoint_path(self.output_dir)
 
-    def _claim_output_dir(self, overwrite: bool) -> None:
-        """Refuse a non-empty output_dir (a second run would mix with the first: log.jsonl appended, checkpoint
-        replaced), or with ``overwrite`` remove what a run writes there."""
-        existing = sorted(os.listdir(self.output_dir))
-        if not existing:
-            return
-        if not overwrite:
-            raise FileExistsError(f"output_dir {self.output_dir!r} is not empty (holds {', '.join(existing[:5])}"
-                                  f"{', ...' if len(existing) > 5 else ''}); pass resume=True to continue its run "
-                                  "or overwrite=True to start over")
-        if self.is_main:
-            for name in RUN_FILES:
-                p = os.path.join(self.output_dir, name)
-                if os.path.isdir(p):
-                    shutil.rmtree(p)
-                elif os.path.exists(p):
-                    os.remove(p)
-
     def save_checkpoint(self) -> None:
         """Checkpoint the LRP tensors and the run state (main process; the others wait)."""
         if self.is_main:
@@ -251,12 +236,7 @@ class CILTrainer:
         self.records = RunRecords.from_list(state.records)
 
     def _check_fingerprint(self, stored: dict) -> None:
-        diff = fingerprint_diff(stored, self.fingerprint)
-        if diff:
-            raise CheckpointError(f"checkpoint {self.checkpoint_path} was written by a different run; it differs "
-                                  f"in {len(diff)} field(s): " + "; ".join(diff[:8])
-                                  + ("; ..." if len(diff) > 8 else "")
-                                  + ". Use another output_dir, or repeat the original settings")
+        check_fingerprint(stored, self.fingerprint, self.checkpoint_path)
 
     # =========================================================================================== phases
     def _phase_compress(self, t: int) -> None:
@@ -374,24 +354,11 @@ class CILTrainer:
 
     def _prepare_pclr_learning(self, t: int) -> None:
         """Freeze the pool, add task t's experts (or reopen its group's under pclr_lwf), route among the new."""
-        cfg, plan = self.config, self.plans[t]
-        tid = self._expert_task(t)
-        for pool in self.pools:
-            pool.freeze()
-        if plan is not None:  # a growth event: add this task's experts
-            copy_from = keys = None
-            if cfg.nearest_init_from_task is not None and t >= cfg.nearest_init_from_task:
-                copy_from = nearest_experts(self.pools, self._task_mean_query(t), plan.n_new,
-                                            self.lrp_config.query_weights)
-            if cfg.key_init == "task_query" and copy_from is None:
-                gen = torch.Generator().manual_seed(self._phase_seed(t, "learn") + 7)
-                keys = task_query_keys(self._task_mean_query(t), plan.n_new, gen)
-            for i, pool in enumerate(self.pools):
-                pool.grow(plan.n_new, task=tid, copy_from=None if copy_from is None else copy_from[i], keys=keys)
-        else:  # pclr_lwf inside a group: keep training the group's experts
-            for pool in self.pools:
-                pool.unfreeze(pool.task_of_expert == tid)
-        route_among_new(self.pools, self.lrp_config.r)
+        cfg = self.config
+        nearest = cfg.nearest_init_from_task is not None and t >= cfg.nearest_init_from_task
+        open_task_experts(self.pools, self.plans[t], self._expert_task(t), self.lrp_config,
+                          lambda: self._task_mean_query(t), nearest=nearest, key_init=cfg.key_init,
+                          seed=self._phase_seed(t, "learn") + 7)
 
     @torch.no_grad()
     def _task_mean_query(self, t: int, max_samples: int = 64) -> tuple[Tensor, ...]:
@@ -409,23 +376,10 @@ class CILTrainer:
                                rest.get("instruction_mask"), rest.get("has_image"))
         if not (inference and self.config.inference_routing == "prototype" and self.prototypes and not self.lora):
             return ctx
-        return self._prototype_route(ctx, model_in, rest)
-
-    @contextmanager
-    def _prototype_route(self, ctx: Any, model_in: dict, rest: dict) -> Iterator[Any]:
-        query = batch_query(self.query, model_in, rest)
-        proj_pool = getattr(self.query.projector, POOL_ATTR, None)  # it sees one row per image, not per sample
-        image_rows = {} if proj_pool is None else {id(proj_pool): rest["has_image"].to(self.device).nonzero()[:, 0]}
-        with ctx as state:
-            prefill_nearest_prototype_routes(state, self.pools, self.prototypes, query, image_rows)
-            yield state
+        return prototype_route(ctx, self.query, self.pools, self.prototypes, model_in, rest, self.device)
 
     def _set_inference_routing(self) -> None:
-        for pool in self.pools:
-            if self.lora:
-                pool.set_candidates(None, always=torch.arange(pool.n, device=pool.trainable.device))
-            else:
-                pool.set_candidates(None, None)
+        set_inference_candidates(self.pools, self.lora)
 
     # =========================================================================================== training
     def _steps_per_epoch(self, t: int) -> int:

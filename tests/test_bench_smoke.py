@@ -72,11 +72,11 @@ def test_smoke_kernel_modes(tmp_path: Path) -> None:
 def test_unsupported_mode_is_a_declared_skip(tmp_path: Path) -> None:
     """A provider asked for a mode it does not declare gets one skipped row per point, its declared reason as note."""
     rc = bench.main(["--preset", "smoke", "--device", "cpu", "--modes", "gate,fwdbwd", "--providers",
-                     "base,pclr-triton,pclr-triton-onepass,punica", "--out", str(tmp_path), "--no-plots"])
+                     "base,pclr-triton-split,pclr-triton-onepass,punica", "--out", str(tmp_path), "--no-plots"])
     assert rc == 0
     _, rows, _ = _read(tmp_path)
     expected = {
-        ("gate", "base"), ("fwdbwd", "pclr-triton"), ("fwdbwd", "pclr-triton-onepass"), ("gate", "punica"),
+        ("gate", "base"), ("gate", "pclr-triton-split"), ("fwdbwd", "pclr-triton-onepass"), ("gate", "punica"),
         ("fwdbwd", "punica"), ("gate", "pclr-triton-onepass"),
     }
     for mode, name in expected:

@@ -76,8 +76,8 @@ def test_decode_bytes_near_the_floor(B: int, max_unique_ratio: float) -> None:
 
 
 def test_packed_forward_launches_with_cached_segment_map() -> None:
-    """A packed batch reuses its segment map (cached on sample_of_token): the forward is the shrink, the split-K sum
-    and the K-extended GEMM, nothing else."""
+    """A packed batch reuses its segment map (cached on sample_of_token): the forward's kernels are the shrink (its
+    split-K sum when the grid is short) and the K-extended GEMM; no segment-map kernels run again."""
     g = torch.Generator().manual_seed(0)
     T, d, n, r, n_s, B = 256, 64, 16, 6, 2, 4
     x = torch.randn(T, d, generator=g)
@@ -100,5 +100,10 @@ def test_packed_forward_launches_with_cached_segment_map() -> None:
     finally:
         set_validation(None)
     kernels = {k: v for k, v in wc.work.by_kernel.items() if not k.startswith("torch.")}
-    assert wc.work.launches <= 3, wc.work.by_kernel
+    assert sum(kernels.values()) <= 3, wc.work.by_kernel
+    # the out-of-pool guard of the extended path (idx outside [0, n) -> row 0 at val 0) costs a few elementwise ops
+    # on [B, r]; nothing else may run per call
+    torch_ops = {k: v for k, v in wc.work.by_kernel.items() if k.startswith("torch.")}
+    assert sum(torch_ops.values()) <= 7 and set(torch_ops) <= {"torch.ge", "torch.lt", "torch.__and__",
+                                                              "torch.where", "torch.zeros_like"}, torch_ops
     assert "kext_gemm_kernel" in kernels and "shrink_kernel" in kernels, wc.work.by_kernel

@@ -184,7 +184,7 @@ Tensor lrp_forward_cuda(const Tensor& x, const Tensor& weight, const OptTensor& 
   Tensor y = at::linear(x, weight, bias).contiguous();  // cuBLAS
   if (p.T == 0 || p.R == 0 || p.d_out == 0) return y;
   void* st = stream_of(x);
-  if (p.T <= kDecodeMaxTokens && p.R <= kDecodeMaxRank) {
+  if (p.T <= kDecodeMaxTokens) {  // any R: the decode kernel stages rank rows in bounded passes
     Tensor ws = at::zeros({decode_workspace_ints(p.T, p.R)}, x.options().dtype(at::kInt));
     check_launch(launch_lrp_decode(p.kind, x.data_ptr(), y.data_ptr(), sot.data_ptr<int>(), p.T, p.d_in, p.d_out,
                                    p.A, p.Bm, p.g, ws.data_ptr<int>(), st),

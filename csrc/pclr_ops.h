@@ -29,8 +29,10 @@ constexpr int kTileM = 64;
 constexpr int kDecodeMaxTokens = PCLR_DECODE_MAX_TOKENS;
 // The decode workspace holds T * R ints per call and its grid is T * (G + C) blocks: keep T small.
 static_assert(kDecodeMaxTokens >= 1 && kDecodeMaxTokens <= 1024, "PCLR_DECODE_MAX_TOKENS must be in [1, 1024]");
-// The decode kernel keeps a token's R scaled activations (+ row pointers) in shared memory: 12 bytes per row.
-constexpr int kDecodeMaxRank = 4096;
+// The decode kernel stages a token's scaled activations (+ row pointers, 12 bytes per row) in shared memory in
+// passes of at most this many rank rows, so every R runs with <= 12 KB of dynamic shared memory: far below the 48 KB
+// a launch gets without the per-kernel opt-in, and R <= 1024 (every practical n_s + r) takes a single pass.
+constexpr int kDecodeRankChunk = 1024;
 // The gate sorts all n scores of a sample in shared memory (8 bytes each).
 constexpr int kGateMaxExperts = 4096;
 

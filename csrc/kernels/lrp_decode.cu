@@ -11,6 +11,13 @@
 // already resident, so a waiting expand unit only ever waits on resident or finished blocks — no deadlock whatever
 // the scheduler does (the forward-progress argument of decoupled look-back scans). The grid depends only on
 // (T, R, d_out), and the zeroed workspace is part of the op, so the launch is CUDA-graph capturable.
+//
+// An expand unit stages its token's row pointers and activations in shared memory kDecodeRankChunk rows at a time
+// (12 bytes per row), so any R runs on a fixed <= 12 KB of dynamic shared memory. The alternative, one pass with all
+// R rows staged, needs 12 * R bytes: past 48 KB (R of about 4096 and up) that launch fails unless the kernel
+// opts in per device (cudaFuncAttributeMaxDynamicSharedMemorySize), and even the opt-in ends at ~13.9 K rows on sm_80
+// and ~19.4 K on sm_90, while the larger allocation cuts the blocks resident per SM. Passes keep the summation order
+// (k = 0, 1, ..., R - 1 per output), so the result is the same bits as a single pass.
 #include "common.cuh"
 
 namespace pclr {
@@ -78,25 +85,46 @@ lrp_decode_kernel(const T* __restrict__ x, T* __restrict__ y, const int* __restr
   const int t = e / C;
   const int64_t c = static_cast<int64_t>(e % C) * kColsPerExpand + threadIdx.x;
   const int s = sot[t];
+  const int Rc = R < kDecodeRankChunk ? R : kDecodeRankChunk;                   // rows staged per pass
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const T** s_rows = reinterpret_cast<const T**>(smem_raw);                     // [R] row pointers (8-byte aligned)
-  float* s_act = reinterpret_cast<float*>(smem_raw + sizeof(const T*) * R);     // [R] scaled activations
-  // Row pointers do not depend on the shrink: gather them while it may still be running.
-  for (int k = threadIdx.x; k < R; k += kDecThreads) s_rows[k] = dev::active_row<T>(Bm, g, s, k);
+  const T** s_rows = reinterpret_cast<const T**>(smem_raw);                     // [Rc] row pointers (8-byte aligned)
+  float* s_act = reinterpret_cast<float*>(smem_raw + sizeof(const T*) * Rc);    // [Rc] scaled activations
+  // Row pointers do not depend on the shrink: gather the first pass's while it may still be running.
+  for (int k = threadIdx.x; k < Rc; k += kDecThreads) s_rows[k] = dev::active_row<T>(Bm, g, s, k);
   if (threadIdx.x == 0) {
     while (*reinterpret_cast<volatile int*>(&ready[t]) < G) __nanosleep(64);
     __threadfence();  // acquire side: act[t, :] reads below see the shrink units' writes
   }
-  __syncthreads();
-  for (int k = threadIdx.x; k < R; k += kDecThreads) s_act[k] = __ldcg(&act[static_cast<int64_t>(t) * R + k]);
-  __syncthreads();
+  float acc = 0.0f;
+  for (int k0 = 0; k0 < R; k0 += Rc) {
+    const int kn = R - k0 < Rc ? R - k0 : Rc;
+    __syncthreads();  // first pass: the wait above is over; later passes: the previous pass is consumed
+    if (k0 > 0) {
+      for (int k = threadIdx.x; k < kn; k += kDecThreads) s_rows[k] = dev::active_row<T>(Bm, g, s, k0 + k);
+    }
+    for (int k = threadIdx.x; k < kn; k += kDecThreads) {
+      s_act[k] = __ldcg(&act[static_cast<int64_t>(t) * R + k0 + k]);
+    }
+    __syncthreads();
+    if (c < d_out) {
+      for (int k = 0; k < kn; ++k) acc += s_act[k] * dev::to_float(s_rows[k][c]);
+    }
+  }
   if (c < d_out) {
-    float acc = 0.0f;
-    for (int k = 0; k < R; ++k) acc += s_act[k] * dev::to_float(s_rows[k][c]);
     T* out = y + static_cast<int64_t>(t) * d_out + c;
     *out = dev::from_float<T>(dev::to_float(*out) + acc);
   }
 }
+
+// Dynamic shared memory of an expand unit: one pass's row pointers and activations.
+template <typename T>
+size_t decode_smem_bytes(int R) {
+  const int rows = R < kDecodeRankChunk ? R : kDecodeRankChunk;
+  return static_cast<size_t>(rows) * (sizeof(const T*) + sizeof(float));
+}
+// The largest pass stays within what every launch gets without an opt-in (48 KB, static ticket included).
+static_assert(kDecodeRankChunk * (sizeof(void*) + sizeof(float)) + sizeof(int) <= 48 * 1024,
+              "kDecodeRankChunk rows must fit the default 48 KB of shared memory per block");
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
@@ -107,7 +135,7 @@ int decode_impl(const void* x, void* y, const int* sot, int64_t T_, int64_t d_in
   const int G = (R + kRowsPerShrink - 1) / kRowsPerShrink;
   const int C = static_cast<int>((d_out + kColsPerExpand - 1) / kColsPerExpand);
   const unsigned grid = static_cast<unsigned>(T_ * (G + C));
-  const size_t smem = static_cast<size_t>(R) * (sizeof(const T*) + sizeof(float));
+  const size_t smem = decode_smem_bytes<T>(R);
   constexpr int kVec = 16 / sizeof(T);
   // 16-byte loads need every row start 16-byte aligned: base pointers aligned and d_in a multiple of kVec.
   const bool vec = d_in % kVec == 0 && aligned16(x) && aligned16(A.shared) && aligned16(A.pool);
@@ -129,7 +157,7 @@ int launch_lrp_decode(ScalarKind kind, const void* x, void* y, const int* sot, i
                       RowSet A, RowSet B, GateRows g, int* workspace, void* stream) {
   const int R = g.n_s + g.r;
   if (T == 0 || R == 0 || d_out == 0) return 0;
-  if (T > kDecodeMaxTokens || R > kDecodeMaxRank) return static_cast<int>(cudaErrorInvalidValue);
+  if (T > kDecodeMaxTokens) return static_cast<int>(cudaErrorInvalidValue);
   const auto s = static_cast<cudaStream_t>(stream);
   switch (kind) {
     case ScalarKind::kFloat: return decode_impl<float>(x, y, sot, T, d_in, d_out, A, B, g, workspace, s);

@@ -19,6 +19,8 @@
 #define PCLR_HAVE_C10_CUDA 1
 #endif
 
+#include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -171,6 +173,60 @@ SegmentTensors make_segments(const Tensor& sot, int64_t B, int64_t padded_len) {
   return s;
 }
 
+// ---- bounded gradient workspace ------------------------------------------------------------------------------
+// One side of the row gradients: the partials are (P * scale)^T X per sample (P = dS and X = x for A, P = U and X = dY
+// for B), summed into the pool rows `pool` and the shared rows `shared` (undefined when not requested).
+struct SideGrads {
+  const float* P;
+  const void* X;
+  int64_t N;  // row length: d_in for A, d_out for B
+  Tensor pool, shared;
+  const char* what;
+};
+
+// Walks `plan`: for each side, each sample chunk in order and each column slice, the chunk's partials go into one
+// reused fp32 workspace and are added onto the row gradients' running fp32 sums (the outputs themselves when they are
+// fp32, else scratch), so memory stays at plan.bytes + the gradients whatever B is. Shapes alone decide every launch:
+// no host sync, graph capturable.
+void reduce_row_grads(const Lrp& p, const Segments& seg, const GradWorkspacePlan& plan,
+                      std::initializer_list<SideGrads> sides, bool need_pool, bool shared, const bool* trainable,
+                      const at::TensorOptions& opts, void* st) {
+  const auto f32 = opts.dtype(at::kFloat);
+  Tensor ws = at::empty({plan.bytes / static_cast<int64_t>(sizeof(float))}, f32);
+  const bool chunked = plan.num_chunks > 1;
+  for (const SideGrads& side : sides) {
+    const auto running = [&](const Tensor& out) -> Tensor {
+      if (!chunked || !out.defined()) return Tensor();
+      return p.kind == ScalarKind::kFloat ? out : at::empty(out.sizes(), f32);
+    };
+    const Tensor pool_acc = need_pool ? running(side.pool) : Tensor();
+    const Tensor shared_acc = shared ? running(side.shared) : Tensor();
+    const std::string what = side.what;
+    for (int64_t c = 0; c < plan.num_chunks; ++c) {
+      const int64_t s0 = c * plan.samples_per_chunk;
+      const int64_t ns = std::min(plan.samples_per_chunk, p.B - s0);
+      const bool first = c == 0, last = c == plan.num_chunks - 1;
+      for (int64_t c0 = 0; c0 < side.N; c0 += plan.cols_per_chunk) {
+        const PartialSlice sl{s0, ns, c0, std::min(plan.cols_per_chunk, side.N - c0), side.N};
+        check_launch(launch_gathered_outer(p.kind, side.P, side.X, sl, p.g, seg, ws.data_ptr<float>(), st),
+                     ("gathered_outer(" + what + ")").c_str());
+        if (need_pool) {
+          check_launch(launch_reduce_pool_rows(p.kind, ws.data_ptr<float>(), sl, p.g, p.n, trainable,
+                                               pool_acc.defined() ? pool_acc.data_ptr<float>() : nullptr, first, last,
+                                               side.pool.data_ptr(), st),
+                       ("reduce_pool_rows(" + what + ")").c_str());
+        }
+        if (shared) {
+          check_launch(launch_reduce_shared_rows(p.kind, ws.data_ptr<float>(), sl, p.g,
+                                                 shared_acc.defined() ? shared_acc.data_ptr<float>() : nullptr, first,
+                                                 last, side.shared.data_ptr(), st),
+                       ("reduce_shared_rows(" + what + "_s)").c_str());
+        }
+      }
+    }
+  }
+}
+
 // ---- ops -----------------------------------------------------------------------------------------------------
 Tensor lrp_forward_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& A_m,
                         const Tensor& B_m, const Tensor& idx, const Tensor& val, const OptTensor& A_s,
@@ -203,7 +259,8 @@ Tensor lrp_forward_cuda(const Tensor& x, const Tensor& weight, const OptTensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lrp_backward_cuda(
     const Tensor& grad, const Tensor& x, const Tensor& weight, const Tensor& A_m, const Tensor& B_m, const Tensor& idx,
     const Tensor& val, const OptTensor& A_s, const OptTensor& B_s, const Tensor& sot, const OptTensor& trainable,
-    double beta_m, double beta_s, int64_t padded_len, bool need_x, bool need_pool, bool need_val, bool need_shared) {
+    double beta_m, double beta_s, int64_t padded_len, bool need_x, bool need_pool, bool need_val, bool need_shared,
+    int64_t workspace_cap_bytes) {
   const Lrp p = check_lrp(x, weight, A_m, B_m, idx, val, A_s, B_s, sot, beta_m, beta_s, padded_len);
   check_arg(grad, "grad", {p.T, p.d_out}, "[" + std::to_string(p.T) + ", " + std::to_string(p.d_out) + "] (y)",
             x.device());
@@ -212,11 +269,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lrp_backward_cuda(
     check_arg(*trainable, "trainable", {p.n}, "[" + std::to_string(p.n) + "]", x.device());
     check_dtype(*trainable, "trainable", at::kBool);
   }
+  TORCH_CHECK(workspace_cap_bytes >= 0, "pclr: workspace_cap_bytes must be >= 0 (0 = the default of ",
+              kGradWorkspaceCapBytes, " bytes), got ", workspace_cap_bytes);
   const c10::DeviceGuard guard(x.device());
   const bool shared = need_shared && p.n_s > 0;
   const Tensor none = x.new_empty({0});
   Tensor dx = none, dA = none, dB = none, dval = none, dAs = none, dBs = none;
-  if (p.T == 0 || p.R == 0) {  // no LRP term: only the base gradient, parameter grads are zero
+  if (p.T == 0 || p.R == 0 || p.B == 0) {  // no LRP term: only the base gradient, parameter grads are zero
     if (need_x) dx = at::matmul(grad, weight);
     if (need_pool) dA = at::zeros_like(A_m), dB = at::zeros_like(B_m);
     if (need_val) dval = at::zeros_like(val);
@@ -242,32 +301,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lrp_backward_cuda(
                  "gathered_shrink(x)");
   }
   if (need_pool || shared) {
-    // Per-sample gradients of the active rows: dA_eff = (dS*scale)^T x, dB_eff = (U*scale)^T dY, fp32 [B, R, d].
-    Tensor GA = at::empty({p.B, p.R, p.d_in}, f32);
-    Tensor GB = at::empty({p.B, p.R, p.d_out}, f32);
-    check_launch(launch_gathered_outer(p.kind, dS.data_ptr<float>(), x.data_ptr(), p.T, p.d_in, p.g, seg.view,
-                                       GA.data_ptr<float>(), st),
-                 "gathered_outer(dA)");
-    check_launch(launch_gathered_outer(p.kind, U.data_ptr<float>(), grad.data_ptr(), p.T, p.d_out, p.g, seg.view,
-                                       GB.data_ptr<float>(), st),
-                 "gathered_outer(dB)");
-    if (need_pool) {
-      const bool* tr = trainable.has_value() ? trainable->data_ptr<bool>() : nullptr;
-      dA = at::empty_like(A_m);
-      dB = at::empty_like(B_m);
-      check_launch(launch_reduce_pool_rows(p.kind, GA.data_ptr<float>(), p.B, p.d_in, p.g, p.n, tr, dA.data_ptr(), st),
-                   "reduce_pool_rows(dA)");
-      check_launch(launch_reduce_pool_rows(p.kind, GB.data_ptr<float>(), p.B, p.d_out, p.g, p.n, tr, dB.data_ptr(), st),
-                   "reduce_pool_rows(dB)");
-    }
-    if (shared) {
-      dAs = at::empty_like(*A_s);
-      dBs = at::empty_like(*B_s);
-      check_launch(launch_reduce_shared_rows(p.kind, GA.data_ptr<float>(), p.B, p.d_in, p.g, dAs.data_ptr(), st),
-                   "reduce_shared_rows(dA_s)");
-      check_launch(launch_reduce_shared_rows(p.kind, GB.data_ptr<float>(), p.B, p.d_out, p.g, dBs.data_ptr(), st),
-                   "reduce_shared_rows(dB_s)");
-    }
+    if (need_pool) dA = at::empty_like(A_m), dB = at::empty_like(B_m);
+    if (shared) dAs = at::empty_like(*A_s), dBs = at::empty_like(*B_s);
+    const int64_t cap = workspace_cap_bytes > 0 ? workspace_cap_bytes : kGradWorkspaceCapBytes;
+    const bool* tr = trainable.has_value() ? trainable->data_ptr<bool>() : nullptr;
+    const SideGrads a{dS.data_ptr<float>(), x.data_ptr(), p.A.ld, dA, dAs, "dA"};
+    const SideGrads b{U.data_ptr<float>(), grad.data_ptr(), p.Bm.ld, dB, dBs, "dB"};
+    reduce_row_grads(p, seg.view, grad_workspace_plan(p.B, p.R, p.d_in, p.d_out, cap), {a, b}, need_pool, shared, tr,
+                     x.options(), st);
   }
   if (need_val) {
     dval = at::empty({p.B, p.r}, f32);
@@ -339,7 +380,7 @@ Tensor lrp_forward_meta(const Tensor& x, const Tensor& weight, const OptTensor&,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lrp_backward_meta(
     const Tensor&, const Tensor& x, const Tensor&, const Tensor& A_m, const Tensor& B_m, const Tensor&,
     const Tensor& val, const OptTensor& A_s, const OptTensor& B_s, const Tensor&, const OptTensor&, double, double,
-    int64_t, bool need_x, bool need_pool, bool need_val, bool need_shared) {
+    int64_t, bool need_x, bool need_pool, bool need_val, bool need_shared, int64_t) {
   const bool shared = need_shared && A_s.has_value() && A_s->size(0) > 0;
   const Tensor none = x.new_empty({0});
   return {need_x ? at::empty_like(x) : none,
@@ -367,7 +408,7 @@ TORCH_LIBRARY_FRAGMENT(pclr, m) {
         "Tensor? A_s, Tensor? B_s, Tensor sample_of_token, float beta_m, float beta_s, int padded_len) -> Tensor");
   m.def("cuda_lrp_backward(Tensor grad, Tensor x, Tensor weight, Tensor A_m, Tensor B_m, Tensor idx, Tensor val, "
         "Tensor? A_s, Tensor? B_s, Tensor sample_of_token, Tensor? trainable, float beta_m, float beta_s, "
-        "int padded_len, bool need_x, bool need_pool, bool need_val, bool need_shared) "
+        "int padded_len, bool need_x, bool need_pool, bool need_val, bool need_shared, int workspace_cap_bytes=0) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -20,6 +20,9 @@ enum class ScalarKind : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
 // Tokens of one sample processed together by the tiled kernels.
 constexpr int kTileM = 64;
+// Output columns per tile of the tiled kernels: the gradient workspace splits rows at multiples of it, so a split never
+// changes how a row is tiled (nor, hence, a single bit of its partials).
+constexpr int kTileN = 64;
 // Up to this many tokens the forward takes the single-launch decode kernel. The value is pclr.options.DECODE_MAX_TOKENS,
 // which setup.py passes as -DPCLR_DECODE_MAX_TOKENS so that Python dispatch and the kernels agree; the fallback only
 // serves tools that compile a file on their own (editors, linters).
@@ -66,6 +69,43 @@ struct Segments {
 // by it so they depend on shapes only, never on the token distribution (CUDA-graph safe).
 inline int64_t tile_bound(int64_t T, int64_t B) { return (T + kTileM - 1) / kTileM + B; }
 
+// ---- bounded gradient workspace of the backward ------------------------------------------------------------------
+// The pool / shared-row gradients are sums over samples of per-sample fp32 partials [R, d] (d = d_in for A, d_out
+// for B). Holding all of them at once costs B * R * (d_in + d_out) * 4 bytes (0.8 GB at B = 256, R = 96, d = 4096),
+// so the backward holds at most this many bytes of partials at a time: one side after the other, samples in chunks
+// (and, when even one sample's [R, d] exceeds it, its rows in column slices of a multiple of kTileN). 64 MiB keeps each chunk's
+// outer-product launch thousands of tiles wide (42 samples at R = 96, d = 4096: ~5400 blocks, many waves on any
+// GPU), so chunking costs only a few launches and one fp32 accumulator pass over the n x d gradient per chunk, while
+// staying small next to the activations of a training step.
+constexpr int64_t kGradWorkspaceCapBytes = int64_t{64} << 20;
+
+// How one backward walks its partials: sample chunks [c * samples_per_chunk, ...) in increasing order, each over the
+// column slices [c0, c0 + cols_per_chunk) of a side's rows. Both sides (A, then B) reuse one workspace of `bytes`.
+struct GradWorkspacePlan {
+  int64_t samples_per_chunk;  // samples whose partials are held at once (>= 1 when B >= 1)
+  int64_t num_chunks;         // ceil(B / samples_per_chunk)
+  int64_t cols_per_chunk;     // max(d_in, d_out) when no column split, else a multiple of kTileN
+  int64_t bytes;              // workspace bytes: samples_per_chunk * R * cols_per_chunk * 4
+};
+
+// Pure function of the shapes and the cap >= 1 (never of the data: the backward's launches stay graph capturable).
+// bytes <= max(cap, R * kTileN * 4); every sample lands in exactly one chunk, chunks in sample order.
+inline GradWorkspacePlan grad_workspace_plan(int64_t B, int64_t R, int64_t d_in, int64_t d_out, int64_t cap) {
+  const int64_t d = d_in > d_out ? d_in : d_out;
+  if (B <= 0 || R <= 0 || d <= 0) return GradWorkspacePlan{0, 0, 0, 0};
+  const int64_t col_bytes = R * static_cast<int64_t>(sizeof(float));  // one column of one sample's partial
+  int64_t samples = 1, cols = d;
+  if (col_bytes * d <= cap) {
+    samples = cap / (col_bytes * d);
+    if (samples > B) samples = B;
+  } else {
+    cols = cap / col_bytes / kTileN * kTileN;
+    if (cols < kTileN) cols = kTileN;
+    if (cols > d) cols = d;
+  }
+  return GradWorkspacePlan{samples, (B + samples - 1) / samples, cols, samples * R * cols * 4};
+}
+
 // ---- gate --------------------------------------------------------------------------------------------------------
 // score[b, j] (+)= w * cos(q[b], k[j]) for one query part; q [B, d], k [n, d] contiguous, same dtype.
 // accumulate = false overwrites (first part), true adds (later parts, same stream so ordered).
@@ -91,16 +131,29 @@ int launch_gathered_shrink(ScalarKind kind, const void* X, int64_t T, RowSet row
 // Y[t, :] += sum_k scale(s,k) * P[t, k] * rows_k(s)[:], P fp32 [T, R]; Y [T, N] with N = rows.ld.
 int launch_gathered_expand(ScalarKind kind, const float* P, int64_t T, RowSet rows, GateRows g, Segments seg,
                            void* Y, void* stream);
-// G[s, k, :] = sum_{t in s} scale(s,k) * P[t, k] * X[t, :], G fp32 [B, R, N]; X [T, N].
-int launch_gathered_outer(ScalarKind kind, const float* P, const void* X, int64_t T, int64_t N, GateRows g,
-                          Segments seg, float* G, void* stream);
-// out[j, :] = trainable[j] ? sum over (s, k) with idx[s, k] == j of G[s, n_s + k, :] : 0, out [n, N] (dtype kind).
-// Summed in increasing (s, k) order: bit-reproducible without atomics. trainable may be nullptr (all rows).
-int launch_reduce_pool_rows(ScalarKind kind, const float* G, int64_t B, int64_t N, GateRows g, int64_t n,
-                            const bool* trainable, void* out, void* stream);
-// out[k, :] = sum_s G[s, k, :] for the n_s shared rows, out [n_s, N] (dtype kind).
-int launch_reduce_shared_rows(ScalarKind kind, const float* G, int64_t B, int64_t N, GateRows g, void* out,
-                              void* stream);
+// A slice of the per-sample partials: samples [s0, s0 + num_samples), columns [c0, c0 + cols) of rows of length N.
+// The workspace G holds it as fp32 [num_samples, R, cols] (row stride cols).
+struct PartialSlice {
+  int64_t s0, num_samples;
+  int64_t c0, cols;
+  int64_t N;
+};
+
+// G[s - s0, k, c - c0] = sum_{t in s} scale(s,k) * P[t, k] * X[t, c] over the slice; X [T, N].
+// A sample without tokens gets zero partials (written, never skipped).
+int launch_gathered_outer(ScalarKind kind, const float* P, const void* X, PartialSlice sl, GateRows g, Segments seg,
+                          float* G, void* stream);
+// Pool rows j in [0, n), columns of the slice: sum over (s, k) of the slice's samples with idx[s, k] == j of
+// G[s - s0, n_s + k, :], added in increasing (s, k) order onto the running fp32 sum acc [n, N] (read unless `first`,
+// written unless `last`), and on the `last` slice written to out [n, N] (dtype kind); acc may be nullptr when the
+// slice is both first and last. Frozen rows (trainable[j] false; trainable may be nullptr = all rows) are exact zeros.
+// The order of additions is the order of the whole batch whatever the chunking: bit-identical for every plan.
+int launch_reduce_pool_rows(ScalarKind kind, const float* G, PartialSlice sl, GateRows g, int64_t n,
+                            const bool* trainable, float* acc, bool first, bool last, void* out, void* stream);
+// Shared rows k < n_s: sum over the slice's samples, in sample order, of G[s - s0, k, :], carried in acc [n_s, N] and
+// written to out [n_s, N] (dtype kind) on the last slice, as for the pool rows.
+int launch_reduce_shared_rows(ScalarKind kind, const float* G, PartialSlice sl, GateRows g, float* acc, bool first,
+                              bool last, void* out, void* stream);
 // dval[s, k] = beta_m * sum_{t in s} dS[t, n_s + k] * U[t, n_s + k]; dS, U fp32 [T, R]; dval fp32 [B, r].
 int launch_dval(const float* dS, const float* U, GateRows g, Segments seg, float* dval, void* stream);
 

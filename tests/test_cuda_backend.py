@@ -157,7 +157,7 @@ def cpu_standin_ops(monkeypatch):
                                                      sot, None, padded_len))
 
     def bwd(grad, x, weight, A_m, B_m, idx, val, A_s, B_s, sot, trainable, beta_m, beta_s, padded_len,
-            need_x, need_pool, need_val, need_shared):
+            need_x, need_pool, need_val, need_shared, workspace_cap_bytes=0):
         inputs = LinearInputs(x, weight, None, A_m, B_m, idx, val, A_s, B_s, beta_m, beta_s, sot, trainable,
                               padded_len)
         needs = LinearNeeds(x=need_x, A_m=need_pool, B_m=need_pool, val=need_val, A_s=need_shared, B_s=need_shared)

@@ -156,6 +156,9 @@ LOAD_CHECK = textwrap.dedent("""
     g = ops.cuda_lrp_backward(m(T, dout), m(T, din), m(dout, din), m(n, din), m(n, dout), m(B, r, dt=i32), m(B, r),
                               m(ns, din), m(ns, dout), m(T, dt=i32), None, 2.0, 0.5, 0, True, True, False, True)
     assert [tuple(t.shape) for t in g] == [(T, din), (n, din), (n, dout), (0,), (ns, din), (ns, dout)], g
+    g = ops.cuda_lrp_backward(m(T, dout), m(T, din), m(dout, din), m(n, din), m(n, dout), m(B, r, dt=i32), m(B, r),
+                              None, None, m(T, dt=i32), None, 2.0, 0.5, 0, False, True, True, False, 4096)
+    assert [tuple(t.shape) for t in g] == [(0,), (n, din), (n, dout), (B, r), (0,), (0,)], g  # explicit workspace cap
     idx, val = ops.cuda_gate([m(B, 8), m(B, 5)], [m(n, 8), m(n, 5)], [1.0, 0.25], 3, None, False, True)
     assert tuple(idx.shape) == (B, 3) and idx.dtype == torch.int32 and val.dtype == torch.float32
     assert hasattr(ops, "cuda_lrp_linear") and hasattr(ops, "reference_lrp_linear")

@@ -4,6 +4,7 @@
 //   shrink  out[t, k]    = X[t] . rows_k(s)                       M = tokens of s, N = R,  K = row length
 //   expand  Y[t, :]     += sum_k scale(s,k) P[t, k] rows_k(s)[:]  M = tokens of s, N = d,  K = R
 //   outer   G[s, k, :]   = sum_{t in s} scale(s,k) P[t, k] X[t,:] M = R,           N = d,  K = tokens of s
+//           (over one PartialSlice of samples and columns: the backward's workspace is bounded, see pclr_ops.h)
 //
 // Every tile belongs to ONE sample, so all its tokens use the same gathered rows: that is what lets the inner product
 // run on tensor cores. Tokens are visited in sample-grouped order through Segments (perm + seg_start + tile_off);
@@ -24,7 +25,7 @@ namespace pclr {
 namespace {
 
 constexpr int BM = kTileM;  // 64
-constexpr int BN = 64;
+constexpr int BN = kTileN;  // 64
 constexpr int BK = 32;
 constexpr int kThreads = 128;
 constexpr int LDA = BM + 8;
@@ -245,17 +246,20 @@ gathered_expand_kernel(const float* __restrict__ P, RowSet rows, GateRows g, Seg
   }
 }
 
-// ---- outer: G[s, k, :] = sum_{t in s} scale(s,k) P[t, k] X[t, :] ------------------------------------------------
-// grid (B, ceil(R / BM), ceil(N / BN)): samples on x, the only dimension allowed more than 65535 blocks.
-// K = the tokens of sample s (possibly none: the tile is then written as zeros, never skipped).
+// ---- outer: G[s - s0, k, c - c0] = sum_{t in s} scale(s,k) P[t, k] X[t, c] ------------------------------------
+// grid (slice samples, ceil(R / BM), ceil(slice cols / BN)): samples on x, the only dimension allowed more than 65535
+// blocks. K = the tokens of sample s (possibly none: the tile is then written as zeros, never skipped). The slice's
+// c0 is a multiple of BN, so every element is computed by the same tile position, hence bits, as without slicing.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-gathered_outer_kernel(const float* __restrict__ P, const T* __restrict__ X, int64_t N, GateRows g, Segments seg,
+gathered_outer_kernel(const float* __restrict__ P, const T* __restrict__ X, PartialSlice sl, GateRows g, Segments seg,
                       float* __restrict__ G) {
-  const int s = blockIdx.x;
+  const int s = static_cast<int>(sl.s0) + blockIdx.x;
   const int R = g.n_s + g.r;
   const int m0 = blockIdx.y * BM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * BN;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.z) * BN;  // column within the slice
+  const int64_t N = sl.cols;
+  const T* Xs = X + sl.c0;                                    // rows keep their full stride sl.N
   const int p_begin = seg.seg_start[s], p_end = seg.seg_start[s + 1];
   __shared__ __align__(128) unsigned char smem[TileSmem<T>::kBytes];
   __shared__ float s_scale[BM];
@@ -277,7 +281,7 @@ gathered_outer_kernel(const float* __restrict__ P, const T* __restrict__ X, int6
     for (int e = threadIdx.x; e < BK * BN; e += kThreads) {
       const int kk = e / BN, n = e % BN;
       T v = dev::zero<T>();
-      if (p0 + kk < p_end && n0 + n < N) v = X[static_cast<int64_t>(dev::token_at(seg, p0 + kk)) * N + n0 + n];
+      if (p0 + kk < p_end && n0 + n < N) v = Xs[static_cast<int64_t>(dev::token_at(seg, p0 + kk)) * sl.N + n0 + n];
       b[kk * LDB + n] = v;
     }
     __syncthreads();
@@ -289,7 +293,7 @@ gathered_outer_kernel(const float* __restrict__ P, const T* __restrict__ X, int6
   __syncthreads();
   for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
     const int m = e / BN, n = e % BN;
-    if (m0 + m < R && n0 + n < N) G[(static_cast<int64_t>(s) * R + m0 + m) * N + n0 + n] = c[m * LDC + n];
+    if (m0 + m < R && n0 + n < N) G[(static_cast<int64_t>(blockIdx.x) * R + m0 + m) * N + n0 + n] = c[m * LDC + n];
   }
 }
 
@@ -299,28 +303,51 @@ constexpr int kRedThreads = 256;
 constexpr int kRedPerThread = 4;
 constexpr int kRedCols = kRedThreads * kRedPerThread;
 
-// Pool row j: the (s, k) entries with idx[s, k] == j are found chunk by chunk with an ORDERED compaction (ballot +
-// warp offsets), then summed in increasing entry order: same bits every run, no atomics. Frozen rows skip the scan
-// and are written as exact zeros.
+// The running fp32 sums of the reductions: the slice's additions continue `acc` (the previous slices' sum) unless
+// this is the first slice, and end in `out` (cast to T) on the last one, else back in `acc`. fp32 in registers and
+// fp32 in memory hold the same bits, so the sum does not depend on where the chunk boundaries fall.
+template <typename T>
+struct RunningSum {
+  const float* acc_in;  // nullptr on the first slice
+  float* acc_out;       // nullptr on the last slice
+  T* out;               // nullptr unless the last slice
+
+  __device__ __forceinline__ float load(int64_t o) const { return acc_in ? acc_in[o] : 0.0f; }
+  __device__ __forceinline__ void store(int64_t o, float v) const {
+    if (out) out[o] = dev::from_float<T>(v); else acc_out[o] = v;
+  }
+};
+
+// Pool row j: the (s, k) entries of the slice's samples with idx[s, k] == j are found chunk by chunk with an ORDERED
+// compaction (ballot + warp offsets), then summed in increasing entry order: same bits every run, no atomics. Frozen
+// rows skip the scan and are written as exact zeros on the last slice (and left alone before it).
 template <typename T>
 __global__ void __launch_bounds__(kRedThreads)
-reduce_pool_rows_kernel(const float* __restrict__ G, int B, int64_t N, GateRows g, const bool* __restrict__ trainable,
-                        T* __restrict__ out) {
+reduce_pool_rows_kernel(const float* __restrict__ G, PartialSlice sl, GateRows g, const bool* __restrict__ trainable,
+                        RunningSum<T> sum) {
   const int j = blockIdx.x;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kRedCols;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kRedCols;  // column within the slice
+  const int64_t N = sl.cols;
   const int R = g.n_s + g.r;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __shared__ int s_list[kRedThreads];
   __shared__ int s_warp[kRedThreads / 32];
   __shared__ int s_count;
+  const bool live = trainable == nullptr || trainable[j];  // uniform over the block: the barriers inside are safe
+  if (!live && sum.out == nullptr) return;
+  const int64_t row0 = static_cast<int64_t>(j) * sl.N + sl.c0;  // (j, c0) of acc / out
   float acc[kRedPerThread];
 #pragma unroll
-  for (int q = 0; q < kRedPerThread; ++q) acc[q] = 0.0f;
-  if (trainable == nullptr || trainable[j]) {  // uniform over the block: the barriers inside are safe
-    const int E = B * g.r;
+  for (int v = 0; v < kRedPerThread; ++v) {
+    const int64_t c = c0 + v * kRedThreads + threadIdx.x;
+    acc[v] = live && c < N ? sum.load(row0 + c) : 0.0f;
+  }
+  if (live) {
+    const int e_begin = static_cast<int>(sl.s0) * g.r;
+    const int E = static_cast<int>(sl.num_samples) * g.r;
     for (int base = 0; base < E; base += kRedThreads) {
       const int i = base + threadIdx.x;
-      const bool hit = i < E && g.idx[i] == j;
+      const bool hit = i < E && g.idx[e_begin + i] == j;
       const unsigned mask = __ballot_sync(0xffffffffu, hit);
       if (lane == 0) s_warp[warp] = __popc(mask);
       __syncthreads();
@@ -337,7 +364,7 @@ reduce_pool_rows_kernel(const float* __restrict__ G, int B, int64_t N, GateRows 
       if (hit) s_list[s_warp[warp] + __popc(mask & ((1u << lane) - 1u))] = i;
       __syncthreads();
       for (int q = 0; q < s_count; ++q) {
-        const int e = s_list[q];
+        const int e = s_list[q];  // entry within the slice: sample s0 + e / r, pool slot e % r
         const float* row = G + (static_cast<int64_t>(e / g.r) * R + g.n_s + e % g.r) * N;
 #pragma unroll
         for (int v = 0; v < kRedPerThread; ++v) {
@@ -351,24 +378,26 @@ reduce_pool_rows_kernel(const float* __restrict__ G, int B, int64_t N, GateRows 
 #pragma unroll
   for (int v = 0; v < kRedPerThread; ++v) {
     const int64_t c = c0 + v * kRedThreads + threadIdx.x;
-    if (c < N) out[static_cast<int64_t>(j) * N + c] = dev::from_float<T>(acc[v]);
+    if (c < N) sum.store(row0 + c, acc[v]);
   }
 }
 
-// Shared row k: sum over samples in order. grid (n_s, ceil(N / kRedCols)).
+// Shared row k: sum over the slice's samples in order, continuing the running sum. grid (n_s, ceil(cols / kRedCols)).
 template <typename T>
 __global__ void __launch_bounds__(kRedThreads)
-reduce_shared_rows_kernel(const float* __restrict__ G, int B, int64_t N, GateRows g, T* __restrict__ out) {
+reduce_shared_rows_kernel(const float* __restrict__ G, PartialSlice sl, GateRows g, RunningSum<T> sum) {
   const int k = blockIdx.x;
   const int R = g.n_s + g.r;
+  const int64_t N = sl.cols;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kRedCols;
+  const int64_t row0 = static_cast<int64_t>(k) * sl.N + sl.c0;
 #pragma unroll
   for (int v = 0; v < kRedPerThread; ++v) {
     const int64_t c = c0 + v * kRedThreads + threadIdx.x;
     if (c >= N) continue;
-    float acc = 0.0f;
-    for (int s = 0; s < B; ++s) acc += G[(static_cast<int64_t>(s) * R + k) * N + c];
-    out[static_cast<int64_t>(k) * N + c] = dev::from_float<T>(acc);
+    float acc = sum.load(row0 + c);
+    for (int64_t s = 0; s < sl.num_samples; ++s) acc += G[(s * R + k) * N + c];
+    sum.store(row0 + c, acc);
   }
 }
 
@@ -429,26 +458,40 @@ struct ExpandL {
 };
 template <typename T>
 struct OuterL {
-  static void run(const float* P, const void* X, int64_t N, GateRows g, Segments seg, float* G, cudaStream_t st) {
-    const dim3 grid(static_cast<unsigned>(seg.num_samples), blocks(g.n_s + g.r, BM), blocks(N, BN));
-    gathered_outer_kernel<T><<<grid, kThreads, 0, st>>>(P, static_cast<const T*>(X), N, g, seg, G);
+  static void run(const float* P, const void* X, PartialSlice sl, GateRows g, Segments seg, float* G, cudaStream_t st) {
+    const dim3 grid(static_cast<unsigned>(sl.num_samples), blocks(g.n_s + g.r, BM), blocks(sl.cols, BN));
+    gathered_outer_kernel<T><<<grid, kThreads, 0, st>>>(P, static_cast<const T*>(X), sl, g, seg, G);
   }
 };
 template <typename T>
+RunningSum<T> running_sum(float* acc, bool first, bool last, void* out) {
+  return RunningSum<T>{first ? nullptr : acc, last ? nullptr : acc, last ? static_cast<T*>(out) : nullptr};
+}
+template <typename T>
 struct PoolL {
-  static void run(const float* G, int64_t B, int64_t N, GateRows g, int64_t n, const bool* tr, void* out,
-                  cudaStream_t st) {
-    const dim3 grid(static_cast<unsigned>(n), blocks(N, kRedCols));
-    reduce_pool_rows_kernel<T><<<grid, kRedThreads, 0, st>>>(G, static_cast<int>(B), N, g, tr, static_cast<T*>(out));
+  static void run(const float* G, PartialSlice sl, GateRows g, int64_t n, const bool* tr, float* acc, bool first,
+                  bool last, void* out, cudaStream_t st) {
+    const dim3 grid(static_cast<unsigned>(n), blocks(sl.cols, kRedCols));
+    reduce_pool_rows_kernel<T><<<grid, kRedThreads, 0, st>>>(G, sl, g, tr, running_sum<T>(acc, first, last, out));
   }
 };
 template <typename T>
 struct SharedL {
-  static void run(const float* G, int64_t B, int64_t N, GateRows g, void* out, cudaStream_t st) {
-    const dim3 grid(static_cast<unsigned>(g.n_s), blocks(N, kRedCols));
-    reduce_shared_rows_kernel<T><<<grid, kRedThreads, 0, st>>>(G, static_cast<int>(B), N, g, static_cast<T*>(out));
+  static void run(const float* G, PartialSlice sl, GateRows g, float* acc, bool first, bool last, void* out,
+                  cudaStream_t st) {
+    const dim3 grid(static_cast<unsigned>(g.n_s), blocks(sl.cols, kRedCols));
+    reduce_shared_rows_kernel<T><<<grid, kRedThreads, 0, st>>>(G, sl, g, running_sum<T>(acc, first, last, out));
   }
 };
+
+// A slice the kernels can take: columns inside the rows, starting on a tile boundary (see gathered_outer_kernel).
+bool valid_slice(const PartialSlice& sl) {
+  return sl.s0 >= 0 && sl.num_samples >= 0 && sl.c0 >= 0 && sl.cols >= 0 && sl.c0 + sl.cols <= sl.N &&
+         sl.c0 % BN == 0;
+}
+
+// A running sum exists whenever there is one to continue or to leave (the slice is not both first and last).
+bool valid_sum(const float* acc, bool first, bool last) { return acc != nullptr || (first && last); }
 
 }  // namespace
 
@@ -464,23 +507,26 @@ int launch_gathered_expand(ScalarKind kind, const float* P, int64_t T, RowSet ro
   return dispatch<ExpandL>(kind, P, T, rows, g, seg, Y, static_cast<cudaStream_t>(stream));
 }
 
-int launch_gathered_outer(ScalarKind kind, const float* P, const void* X, int64_t T, int64_t N, GateRows g,
-                          Segments seg, float* G, void* stream) {
-  (void)T;  // samples without tokens still get their (zero) tile written
-  if (seg.num_samples == 0 || g.n_s + g.r == 0 || N == 0) return 0;
-  return dispatch<OuterL>(kind, P, X, N, g, seg, G, static_cast<cudaStream_t>(stream));
+int launch_gathered_outer(ScalarKind kind, const float* P, const void* X, PartialSlice sl, GateRows g, Segments seg,
+                          float* G, void* stream) {
+  if (!valid_slice(sl) || sl.s0 + sl.num_samples > seg.num_samples) return static_cast<int>(cudaErrorInvalidValue);
+  // samples without tokens still get their (zero) tile written
+  if (sl.num_samples == 0 || g.n_s + g.r == 0 || sl.cols == 0) return 0;
+  return dispatch<OuterL>(kind, P, X, sl, g, seg, G, static_cast<cudaStream_t>(stream));
 }
 
-int launch_reduce_pool_rows(ScalarKind kind, const float* G, int64_t B, int64_t N, GateRows g, int64_t n,
-                            const bool* trainable, void* out, void* stream) {
-  if (n == 0 || N == 0) return 0;
-  return dispatch<PoolL>(kind, G, B, N, g, n, trainable, out, static_cast<cudaStream_t>(stream));
+int launch_reduce_pool_rows(ScalarKind kind, const float* G, PartialSlice sl, GateRows g, int64_t n,
+                            const bool* trainable, float* acc, bool first, bool last, void* out, void* stream) {
+  if (!valid_slice(sl) || !valid_sum(acc, first, last)) return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0 || sl.cols == 0) return 0;
+  return dispatch<PoolL>(kind, G, sl, g, n, trainable, acc, first, last, out, static_cast<cudaStream_t>(stream));
 }
 
-int launch_reduce_shared_rows(ScalarKind kind, const float* G, int64_t B, int64_t N, GateRows g, void* out,
-                              void* stream) {
-  if (g.n_s == 0 || N == 0) return 0;
-  return dispatch<SharedL>(kind, G, B, N, g, out, static_cast<cudaStream_t>(stream));
+int launch_reduce_shared_rows(ScalarKind kind, const float* G, PartialSlice sl, GateRows g, float* acc, bool first,
+                              bool last, void* out, void* stream) {
+  if (!valid_slice(sl) || !valid_sum(acc, first, last)) return static_cast<int>(cudaErrorInvalidValue);
+  if (g.n_s == 0 || sl.cols == 0) return 0;
+  return dispatch<SharedL>(kind, G, sl, g, acc, first, last, out, static_cast<cudaStream_t>(stream));
 }
 
 int launch_dval(const float* dS, const float* U, GateRows g, Segments seg, float* dval, void* stream) {

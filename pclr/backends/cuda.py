@@ -7,10 +7,15 @@ custom-op autograd as every other backend (:func:`pclr.backends.custom_op.make_l
 
 The extension is optional: when it is not built, this module still imports and the backend reports why it cannot
 run (``pclr info``, :class:`pclr.backends.base.BackendUnavailableError`), never an import error.
+
+Memory: the decode kernel stages rank rows in passes of 1024 (any R, at most 12 KB of shared memory per block), and
+the backward holds its per-sample fp32 gradient partials in a workspace bounded by :data:`GRAD_WORKSPACE_CAP_BYTES`
+whatever B is; :func:`grad_workspace_plan` is the C++ plan (csrc/pclr_ops.h) in Python.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +37,50 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA
 GATE_MAX_EXPERTS = 4096  # the gate sorts a sample's n scores in shared memory (kGateMaxExperts in csrc/pclr_ops.h)
 _INT32_MAX = 2**31 - 1
+# The backward's per-sample fp32 partials held at once (kGradWorkspaceCapBytes in csrc/pclr_ops.h, which says why).
+GRAD_WORKSPACE_CAP_BYTES = 64 * 2**20
+TILE_N = 64  # output columns of a tiled-kernel tile (kTileN): the workspace splits rows at multiples of it
+
+
+@dataclass(frozen=True)
+class GradWorkspacePlan:
+    """How the cuda backward walks its per-sample gradient partials (GradWorkspacePlan in csrc/pclr_ops.h)."""
+
+    samples_per_chunk: int  # samples whose partials [R, cols] are held at once
+    num_chunks: int  # ceil(B / samples_per_chunk)
+    cols_per_chunk: int  # max(d_in, d_out) without a column split, else a multiple of TILE_N
+    bytes: int  # workspace bytes: samples_per_chunk * R * cols_per_chunk * 4
+
+    def slices(self, B: int, N: int) -> list[tuple[int, int, int, int]]:
+        """(s0, num_samples, c0, cols) of each slice of one side with rows of length N, in launch order: sample
+        chunks in increasing order, each over its column slices (the loop of reduce_row_grads in csrc/ops.cpp)."""
+        out = []
+        for c in range(self.num_chunks):
+            s0 = c * self.samples_per_chunk
+            ns = min(self.samples_per_chunk, B - s0)
+            out += [(s0, ns, c0, min(self.cols_per_chunk, N - c0)) for c0 in range(0, N, self.cols_per_chunk)]
+        return out
+
+
+def grad_workspace_plan(B: int, R: int, d_in: int, d_out: int,
+                        cap: int = GRAD_WORKSPACE_CAP_BYTES) -> GradWorkspacePlan:
+    """The chunking of the cuda backward for B samples of R active rows (grad_workspace_plan in csrc/pclr_ops.h).
+
+    A pure function of the shapes (never of the data, so the backward stays CUDA-graph capturable):
+    ``bytes <= max(cap, R * TILE_N * 4)`` and every sample lands in exactly one chunk, chunks in sample order.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1 byte, got {cap}")
+    d = max(d_in, d_out)
+    if B <= 0 or R <= 0 or d <= 0:
+        return GradWorkspacePlan(0, 0, 0, 0)
+    col_bytes = R * 4  # one column of one sample's fp32 partial
+    samples, cols = 1, d
+    if col_bytes * d <= cap:
+        samples = min(B, cap // (col_bytes * d))
+    else:
+        cols = min(d, max(TILE_N, cap // col_bytes // TILE_N * TILE_N))
+    return GradWorkspacePlan(samples, -(-B // samples), cols, samples * R * cols * 4)
 
 
 @functools.lru_cache(maxsize=1)

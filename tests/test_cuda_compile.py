@@ -1,6 +1,8 @@
 """Build checks of the CUDA extension without a GPU (CPU-only torch is enough).
 
-* every csrc/kernels/*.cu through nvcc for sm_80 and sm_90 (one nvcc call per file, both architectures);
+* every csrc/kernels/*.cu through nvcc for sm_80 and sm_90 (one nvcc call per file, both architectures), with
+  ``-Xptxas -v``: no kernel spills registers on either architecture, and none needs more than the 48 KB of static
+  shared memory a launch gets without an opt-in;
 * csrc/*.cpp through the host compiler against the installed torch headers (ops.cpp includes no CUDA header that a
   CPU-only torch lacks);
 * the objects linked into a shared library that a fresh Python process loads with ``torch.ops.load_library``: all
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ast
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,8 +90,10 @@ def build(tmp_path_factory):
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         for src in KERNELS:
             obj = str(out / (os.path.basename(src) + ".o"))
+            # -O1 only lowers the host compiler's effort; ptxas optimises device code at its default (-O3), as in
+            # the real build, so the register and spill counts below are the built kernels' own
             jobs[src] = ([nvcc, "-std=c++17", "-O1", "-Xcompiler", "-fPIC", f"-I{CSRC}", *TORCH_NVCC_DEFINES,
-                          DECODE_DEFINE, *gencode, "-c", src, "-o", obj], obj)
+                          DECODE_DEFINE, *gencode, "-Xptxas", "-v", "-c", src, "-o", obj], obj)
     if cxx is not None:
         includes, abi, _ = _torch_flags()
         for src in HOST_SOURCES:
@@ -135,6 +140,42 @@ def test_nvcc_compiles_kernel(build, source):
     if build["nvcc"] is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): cannot compile-check the CUDA kernels")
     _check(build, source)
+
+
+def ptxas_entries(log: str) -> list[tuple[str, str, int, int, int]]:
+    """(mangled kernel, sm_XX, registers, spill bytes stored + loaded, static shared memory bytes) of every entry
+    function in an ``nvcc -Xptxas -v`` log (one block per entry and architecture)."""
+    parts = re.split(r"Compiling entry function '([^']+)' for '(sm_\d+)'", log)
+    out = []
+    for name, arch, body in zip(parts[1::3], parts[2::3], parts[3::3]):
+        regs = re.search(r"Used (\d+) registers", body)
+        assert regs, f"no register count for {name} ({arch}) in the ptxas log"
+        spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", body))
+        smem = re.search(r"(\d+) bytes smem", body)
+        out.append((name, arch, int(regs.group(1)), spills, int(smem.group(1)) if smem else 0))
+    return out
+
+
+def test_ptxas_entries_parser():
+    log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'\nptxas info    : Function properties for _Z1kv\n"
+           "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 16 bytes smem, 496 bytes cmem[0]\n"
+           "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'\nptxas info    : Function properties for _Z1kv\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 32 registers, used 1 barriers, 496 bytes cmem[0]\n")
+    assert ptxas_entries(log) == [("_Z1kv", "sm_80", 40, 12, 16), ("_Z1kv", "sm_90", 32, 0, 0)]
+
+
+@pytest.mark.parametrize("source", KERNELS, ids=[os.path.basename(k) for k in KERNELS])
+def test_nvcc_kernels_do_not_spill(build, source):
+    if build["nvcc"] is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): cannot compile-check the CUDA kernels")
+    _check(build, source)
+    entries = ptxas_entries(build["results"][source][2])
+    assert {arch for _, arch, *_ in entries} == {f"sm_{a}" for a in ARCHS}, "ptxas -v reported no kernel for an arch"
+    bad = [e for e in entries if e[3] > 0 or e[4] > 48 * 1024]
+    assert not bad, "kernels that spill or exceed 48 KB of static shared memory (name, arch, regs, spills, smem):\n" + \
+        "\n".join(map(str, bad))
 
 
 @pytest.mark.parametrize("source", HOST_SOURCES, ids=[os.path.basename(s) for s in HOST_SOURCES])

@@ -12,6 +12,7 @@ import pclr
 from pclr.cil.config import CILConfig, Task
 from pclr.cil.records import RunRecords, stored_lrp_params, trainable_lrp_params
 from pclr.demo.joint import joint_config, union_task
+from pclr.demo.report import steps_cell
 from pclr.demo.rundir import seed_runs
 from pclr.demo.stats import mean_std, paired_t_test, t_two_sided_p, verdict
 from pclr.demo.steps import check_equal_steps, learn_steps, steps_of
@@ -156,3 +157,10 @@ def test_equal_steps_check_reads_the_records():
         check_equal_steps({"lora": steps_of(rec, 2), "pclr": {"learn": [3, 2], "integrate": [0, 0]}})
     with pytest.raises(RuntimeError, match="joint reference took 5"):
         check_equal_steps({"lora": steps_of(rec, 2)}, joint=5)
+
+
+def test_steps_cell_reports_integration_steps_apart():
+    assert steps_cell({"learn_steps_per_task": [2, 2], "integration_steps": 0}) == "2/task"
+    assert steps_cell({"learn_steps_per_task": [2, 2, 2], "integration_steps": 6}) == "2/task + 6 integration steps"
+    assert steps_cell({"learn_steps_per_task": [3, 2]}) == "3/2"
+    assert steps_cell({"learn_steps": 8}) == "8 total" and steps_cell({}) == "n/a"

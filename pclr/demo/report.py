@@ -68,7 +68,7 @@ def steps_cell(m: dict) -> str:
     if not per:
         return "n/a"
     cell = f"{per[0]}/task" if len(set(per)) == 1 else "/".join(map(str, per))
-    return cell + (f" + {m['integration_steps']} integration" if m.get("integration_steps") else "")
+    return cell + (f" + {m['integration_steps']} integration steps" if m.get("integration_steps") else "")
 
 
 def table(metrics: dict) -> str:

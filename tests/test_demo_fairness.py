@@ -40,7 +40,7 @@ def test_paired_t_test_and_its_reading():
     noisy = paired_t_test([10.0, 20.0, 5.0], [12.0, 15.0, 6.0])
     assert noisy["p"] > 0.05 and noisy["signs"] == ["-", "+", "-"] and verdict(noisy) == "no significant difference"
     one = paired_t_test([10.0], [5.0])
-    assert one["p"] is None and one["t"] is None and verdict(one) == "no significant difference"
+    assert one["p"] is None and one["t"] is None and verdict(one) == "n/a"
     assert verdict(paired_t_test([3.0, 4.0], [3.0, 4.0])) == "ties"
     constant = paired_t_test([3.0, 4.0], [2.0, 3.0])  # the same difference twice: t undefined, no claim
     assert constant["p"] is None and verdict(constant) == "no significant difference"
@@ -79,6 +79,7 @@ def test_summary_over_seeds(tmp_path):
     write_summary(tmp_path, {**ident, "seeds": 1}, per_seed[:1])
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["rows"]["pclr"]["avg_acc"]["std"] is None and s["pclr_vs"]["lora"]["p"] is None
+    assert s["pclr_vs"]["lora"]["verdict"] == "n/a"
     md = (tmp_path / "summary.md").read_text()
     assert "(± n/a)" in md and "n/a" in md and "Number of seeds: 1" in md and "wins" not in md.split("Reading")[0]
 

@@ -53,10 +53,12 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> dict:
 
 
 def verdict(test: dict) -> str:
-    """The plain reading of a paired test of PCLR against a baseline: "wins" / "loses" only when p < 0.05, "ties"
-    when every paired difference is zero, else "no significant difference" (also with fewer than two seeds, and when
-    every difference is the same non-zero value: the t statistic is undefined then)."""
-    if test["n"] >= 2 and test["t"] is None and test["mean_diff"] == 0.0:
+    """The plain reading of a paired test of PCLR against a baseline: "n/a" with fewer than two seeds; "wins" /
+    "loses" only when p < 0.05; "ties" when every paired difference is zero; else "no significant difference" (also
+    when every difference is the same non-zero value: the t statistic is undefined then)."""
+    if test["n"] < 2:
+        return "n/a"
+    if test["t"] is None and test["mean_diff"] == 0.0:
         return "ties"
     if test["p"] is None or test["p"] >= ALPHA:
         return "no significant difference"

@@ -3,12 +3,16 @@
     pclr run                                  # default preset: mini LLaVA (SmolLM2-135M), 8 tasks, 3 methods
     pclr run --preset quick                   # same shape, smaller: a few minutes on a laptop CPU
     pclr run --preset tiny --output runs/t    # random tiny model, 3 tasks: a smoke test
+    pclr run --seeds 3                        # seeds 0, 1, 2: one run each, then mean ± std and paired tests
     pclr run --resume                         # continue an interrupted run (Ctrl-C leaves one)
     pclr eval runs/coin-mini-default          # re-evaluate a saved run on every task, rewrite its report
 
-Every method sees the same data, seeds and trainable-parameter budget per task (LoRA rank = experts PCLR adds per
-task). A run directory holds ``run.json`` (what was asked), one sub-directory per method (the trainer's checkpoints,
-logs, results), and the comparison: ``report.md``, ``metrics.json``, ``accuracy_matrices.png``, ``forgetting.png``.
+Every method sees the same data, seeds, optimizer steps per task and rank per sample (LoRA rank = experts PCLR adds
+and routes per task); two reference rows bound the problem: per-task LoRA with the oracle task id (the single-task
+phase) and joint training on the union of the tasks ("joint", the ceiling). A run directory holds ``run.json`` (what
+was asked), one sub-directory per method (the trainer's checkpoints, logs, results), and the comparison:
+``report.md``, ``metrics.json``, ``accuracy_matrices.png``, ``forgetting.png``; ``summary.md`` / ``summary.json``
+aggregate the seeds (``--seeds N`` > 1 puts each seed's run in ``seed-<s>/``; see :mod:`pclr.demo.rundir`).
 
 The command line lives here; the presets and method names in :mod:`pclr.demo.settings`, the work (data, model,
 trainers) in :mod:`pclr.demo.runner`, the report in :mod:`pclr.demo.report`.
@@ -33,6 +37,7 @@ import torch
 from pclr.demo.data.coin_mini import TASK_ORDER
 from pclr.demo.plan import check_plans
 from pclr.demo.report import jsonable, table
+from pclr.demo.rundir import n_seeds, prepare_dir, seed_runs
 from pclr.demo.settings import (
     ENCODER_INSTALL_HINT,
     ENCODER_PACKAGE,
@@ -47,10 +52,6 @@ from pclr.demo.settings import (
     split_list,
 )
 from pclr.writable import unwritable_reason
-
-# what `pclr run` writes at the top of a run directory (removed by --overwrite; the method directories are
-# cleared by their trainers)
-REPORT_FILES = ("run.json", "report.md", "metrics.json", "accuracy_matrices.png", "forgetting.png")
 
 
 def _runner() -> ModuleType:
@@ -73,8 +74,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Experiment size: default (2-core CPU, ~15 min), quick (~3 min), full (GPU), "
                              "tiny (random tiny model, tests). Default: %(default)s.")
     parser.add_argument("--methods", default=None,
-                        help="Comma-separated methods among lora, lora_lwf, pclr, pclr_lwf "
-                             "(default: lora,lora_lwf,pclr).")
+                        help="Comma-separated methods among lora, lora_lwf, pclr, pclr_lwf, joint (one LoRA "
+                             "trained on all tasks at once: the ceiling) (default: lora,lora_lwf,pclr,joint).")
     parser.add_argument("--tasks", default=None,
                         help="Comma-separated CoIN-mini tasks in training order (default: all eight: ScienceQA,"
                              "TextVQA,ImageNet,GQA,VizWiz,Grounding,VQAv2,OCR-VQA).")
@@ -89,6 +90,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU (and fused kernels) when there is one. Default: %(default)s.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data generation and training. Default: 0.")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="Run the whole experiment for seeds S, S+1, ..., S+N-1 (S = --seed), each in "
+                             "<output>/seed-<s>/ when N > 1, then write summary.md / summary.json: mean ± std "
+                             "over seeds and a paired t-test of PCLR against each baseline. Default: 1.")
     parser.add_argument("--data-dir", default=None, help="Where CoIN-mini is generated/cached "
                                                          "(default: $PCLR_CACHE or ~/.cache/pclr).")
     parser.add_argument("--cache-dir", default=None, help="Cache of the aligned model (default: as --data-dir).")
@@ -110,7 +115,7 @@ def resolve(args: argparse.Namespace) -> dict:
     methods = split_list(args.methods) or list(preset.methods)
     bad = [m for m in methods if m not in METHOD_ALIASES]
     if bad:
-        raise UsageError(f"unknown method(s) {bad}; choose from lora, lora_lwf, pclr, pclr_lwf")
+        raise UsageError(f"unknown method(s) {bad}; choose from lora, lora_lwf, pclr, pclr_lwf, joint")
     methods = list(dict.fromkeys(METHOD_ALIASES[m] for m in methods))
     tasks = split_list(args.tasks) or list(preset.tasks or TASK_ORDER)
     bad = [t for t in tasks if t not in TASK_ORDER]
@@ -127,8 +132,13 @@ def resolve(args: argparse.Namespace) -> dict:
         problem = value and unwritable_reason(value)
         if problem:
             raise UsageError(f"--{opt.replace('_', '-')}: {problem}")
+    seeds = getattr(args, "seeds", 1)
+    if seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {seeds}")
     ident = {"format": RUN_FORMAT, "preset": args.preset, "methods": methods, "tasks": tasks, "seed": args.seed,
              "schedule": schedule, "sizes": dataclasses.asdict(preset)}
+    if seeds > 1:  # a one-seed run keeps the run.json it always had
+        ident["seeds"] = seeds
     ident = jsonable(ident)  # the form run.json holds (tuples become lists), so comparisons are like for like
     check_plans(ident)
     return ident
@@ -143,6 +153,8 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
             argv += [f"--{opt.replace('_', '-')}", str(value)]
     if args.seed:
         argv += ["--seed", str(args.seed)]
+    if getattr(args, "seeds", 1) != 1:
+        argv += ["--seeds", str(args.seeds)]
     if args.device != "auto":
         argv += ["--device", args.device]
     if args.no_progress:
@@ -173,37 +185,6 @@ def _check_model_files(ident: dict) -> None:
         raise UsageError(f"the SmolLM2 weights are not installed: {INSTALL_HINT}")
 
 
-def _prepare_dir(out: Path, ident: dict, resume: bool, overwrite: bool = False) -> None:
-    problem = unwritable_reason(out)
-    if problem:
-        raise UsageError(f"--output: {problem}")
-    rj = out / "run.json"
-    if rj.is_file():
-        try:
-            old = json.loads(rj.read_text())
-        except (OSError, ValueError):
-            if not overwrite:
-                raise UsageError(f"{rj} is unreadable; not touching {out} (--overwrite starts over)") from None
-            old = None
-        if overwrite:
-            for name in REPORT_FILES:
-                (out / name).unlink(missing_ok=True)
-        elif old != ident:
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            raise UsageError(f"{out} holds a different run (differs in: {', '.join(diff)}); choose another "
-                             "--output, repeat the original settings with --resume, or start over with --overwrite")
-        elif not resume:
-            raise UsageError(f"{out} already holds this run; add --resume to continue it, --overwrite to start it "
-                             "over, or choose another --output")
-    elif out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not a pclr run directory; choose another --output")
-    elif resume:
-        raise UsageError(f"--resume: {out} holds no run to resume")
-    out.mkdir(parents=True, exist_ok=True)
-    if not rj.is_file():
-        rj.write_text(json.dumps(ident, indent=1))
-
-
 def run_main(args: argparse.Namespace) -> int:
     """``pclr run``: returns the exit code."""
     ensure_passive_openmp()
@@ -212,7 +193,7 @@ def run_main(args: argparse.Namespace) -> int:
         out = Path(args.output or f"runs/coin-mini-{args.preset}")
         device = _device(args.device)
         _check_model_files(ident)
-        _prepare_dir(out, ident, args.resume, args.overwrite)
+        prepare_dir(out, ident, args.resume, args.overwrite)
     except UsageError as e:
         print(f"pclr run: error: {e}", file=sys.stderr)
         return 2
@@ -229,28 +210,37 @@ def run_main(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------------------- eval
 def eval_main(args: argparse.Namespace) -> int:
-    """``pclr eval RUN_DIR``: re-evaluate each method's final checkpoint on every task; rewrite the report."""
+    """``pclr eval RUN_DIR``: re-evaluate each method's final checkpoint on every task; rewrite the report (of every
+    seed's run, for a multi-seed run directory)."""
     out = Path(args.run_dir)
     try:
         ident = json.loads((out / "run.json").read_text())
-        metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else None
+        runs = [(i, d, json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else None)
+                for i, d in seed_runs(ident, out)]
     except (OSError, ValueError):
         print(f"pclr eval: error: {out} is not a readable pclr run directory (run.json missing or corrupt)",
               file=sys.stderr)
         return 2
     if args.report_only:
-        if metrics is None:
-            print(f"pclr eval: error: {out} has no metrics.json yet (unfinished run?)", file=sys.stderr)
+        missing = [str(d) for _, d, m in runs if m is None]
+        if missing:
+            print(f"pclr eval: error: {', '.join(missing)} has no metrics.json yet (unfinished run?)",
+                  file=sys.stderr)
             return 2
-        print(table(metrics))
+        if n_seeds(ident) > 1 and (out / "summary.md").is_file():
+            print((out / "summary.md").read_text())
+        else:
+            print(table(runs[0][2]))
         return 0
-    problem = unwritable_reason(out)
-    if problem:
-        print(f"pclr eval: error: {problem}; the new accuracies could not be saved", file=sys.stderr)
-        return 2
+    for _, d, _ in runs:
+        problem = unwritable_reason(d)
+        if problem:
+            print(f"pclr eval: error: {problem}; the new accuracies could not be saved", file=sys.stderr)
+            return 2
     try:
         _check_model_files(ident)
-        _runner().evaluate_run(out, ident, metrics, _device(args.device), progress=not args.no_progress)
+        for seed_ident, d, metrics in runs:
+            _runner().evaluate_run(d, seed_ident, metrics, _device(args.device), progress=not args.no_progress)
     except UsageError as e:
         print(f"pclr eval: error: {e}", file=sys.stderr)
         return 2

@@ -45,16 +45,43 @@ def _interval(metrics: dict, m: dict) -> str:
     return f"[{lo:.1f}, {hi:.1f}]"
 
 
+def _num(x: Any, fmt: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def rows(metrics: dict) -> list[dict]:
+    """Every row of the comparison: the methods, then the reference rows (per-task LoRA with the oracle task id)."""
+    return list(metrics["methods"].values()) + list((metrics.get("references") or {}).values())
+
+
+def final_accuracies(m: dict) -> list:
+    """A row's accuracy on each task at the end (the last row of its matrix, or its own list for reference rows)."""
+    return m["final"] if m.get("final") is not None else m["matrix"][-1]
+
+
+def steps_cell(m: dict) -> str:
+    """Optimizer steps of a row: per task (sequential methods and per-task references; PCLR's integration steps
+    apart) or in total (the joint reference)."""
+    if m.get("learn_steps") is not None:
+        return f"{m['learn_steps']} total"
+    per = m.get("learn_steps_per_task")
+    if not per:
+        return "n/a"
+    cell = f"{per[0]}/task" if len(set(per)) == 1 else "/".join(map(str, per))
+    return cell + (f" + {m['integration_steps']} integration steps" if m.get("integration_steps") else "")
+
+
 def table(metrics: dict) -> str:
     """The comparison table (markdown)."""
-    rows = ["| Method | New.ACC | Avg.ACC (95% CI) | Forgetting | BWT | Peak mem (MB) | Trainable/task | "
-            "LRP params stored | Wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in metrics["methods"].values():
-        f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"  # noqa: E731
-        rows.append(f"| {m['label']} | {f(m['new_acc'])} | {f(m['avg_acc'])} {_interval(metrics, m)} | "
-                    f"{f(m['forgetting'])} | {f(m['bwt'])} | {m['peak_memory_mb']:.0f} | "
-                    f"{m['trainable_params_per_task'] or 0:,} | {m['stored_lrp_params']:,} | {m['wall_seconds']:.0f} |")
-    return "\n".join(rows)
+    out = ["| Method | New.ACC | Avg.ACC (95% CI) | Forgetting | BWT | Optimizer steps | Trainable/task | "
+           "Stored params | Peak mem (MB) | Wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in rows(metrics):
+        trainable = m.get("trainable_params_per_task")
+        out.append(f"| {m['label']} | {_num(m['new_acc'])} | {_num(m['avg_acc'])} {_interval(metrics, m)} | "
+                   f"{_num(m['forgetting'])} | {_num(m['bwt'])} | {steps_cell(m)} | "
+                   f"{_num(trainable, ',') if trainable else 'n/a'} | {_num(m['stored_lrp_params'], ',')} | "
+                   f"{_num(m['peak_memory_mb'], '.0f')} | {_num(m['wall_seconds'], '.0f')} |")
+    return "\n".join(out)
 
 
 def task_table(metrics: dict) -> str:
@@ -63,14 +90,30 @@ def task_table(metrics: dict) -> str:
     if not per:
         return ""
     methods = list(metrics["methods"].values())
-    f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"  # noqa: E731
-    rows = ["| Task | Chance | Blind | Single-task LoRA | " + " | ".join(f"{m['label']} final" for m in methods) + " |",
-            "|---" * (4 + len(methods)) + "|"]
+    f = lambda x: _num(x, ".1f")  # noqa: E731
+    out = ["| Task | Chance | Blind | Single-task LoRA | " + " | ".join(f"{m['label']} final" for m in methods) + " |",
+           "|---" * (4 + len(methods)) + "|"]
     for j, name in enumerate(metrics["tasks"]):
         p = per.get(name, {})
-        rows.append(f"| {name} | {f(p.get('chance'))} | {f(p.get('blind'))} | {f(p.get('single_task_lora'))} | "
-                    + " | ".join(f(m["matrix"][-1][j]) for m in methods) + " |")
-    return "\n".join(rows)
+        out.append(f"| {name} | {f(p.get('chance'))} | {f(p.get('blind'))} | {f(p.get('single_task_lora'))} | "
+                   + " | ".join(f(final_accuracies(m)[j]) for m in methods) + " |")
+    return "\n".join(out)
+
+
+def steps_note(metrics: dict) -> str:
+    """One line on the optimizer steps every row took (checked equal when the run was written)."""
+    st = metrics.get("optimizer_steps")
+    if not st or not st.get("learn_steps_per_task"):
+        return ""
+    per = st["learn_steps_per_task"]
+    line = (f"Equal optimizer steps: every sequential method and every per-task reference took {per} learning "
+            f"step(s) on the tasks in order (checked from the trainers' records)")
+    if st.get("joint_learn_steps") is not None:
+        line += f"; the joint reference {st['joint_learn_steps']} in total, their sum"
+    extra = {k: v for k, v in (st.get("integration_steps") or {}).items() if v}
+    if extra:
+        line += "; integration (QKLD) steps on top: " + ", ".join(f"{k} + {v}" for k, v in extra.items())
+    return line + "."
 
 
 def write_report(out: Path, metrics: dict) -> list[str]:
@@ -91,10 +134,19 @@ def write_report(out: Path, metrics: dict) -> list[str]:
              "template's most frequent training answer (a text-only prior). Single-task LoRA: the task learnt alone "
              "by a fresh LoRA of the same rank, steps and data (also the per-task-adapter reference with an oracle "
              "task id). Final: each method after the whole sequence.", "",
+             "## Fair comparison", "", steps_note(metrics), "",
+             "Trainable/task: LRP parameters trained while learning one task (PCLR: its new experts and their keys). "
+             "Stored params: what must be kept to serve every task (PCLR: the pool, shared ranks and keys; LoRA, "
+             "LoRA+LwF and the joint reference: one adapter; the per-task references: one adapter per task), "
+             "counted from the trained modules. Per-task LoRA (oracle task id): each task served by its own adapter, "
+             "evaluated on its own task (isolation: nothing is forgotten by construction). Joint (ceiling): one "
+             "adapter of the same rank trained on the union of every task's training set, no sequence.", "",
              "## Accuracy matrices (row: after training task i; column: task j)", ""]
     if plotted:
         lines += ["![accuracy matrices](accuracy_matrices.png)", "", "![forgetting](forgetting.png)", ""]
     for m in metrics["methods"].values():
+        if m.get("matrix") is None:
+            continue
         lines += [f"### {m['label']}", "", "| after \\ on | " + " | ".join(metrics["tasks"]) + " |",
                   "|---" * (T + 1) + "|"]
         for i, row in enumerate(m["matrix"]):
@@ -116,7 +168,9 @@ def _plots(out: Path, metrics: dict) -> bool:
     plt = pyplot_or_none("accuracy_matrices.png and forgetting.png")
     if plt is None:
         return False
-    methods = list(metrics["methods"].values())
+    methods = [m for m in metrics["methods"].values() if m.get("matrix") is not None]  # the sequences
+    if not methods:
+        return False
     names = metrics["tasks"]
     T = len(names)
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)

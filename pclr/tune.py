@@ -372,10 +372,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def tune_main(args: argparse.Namespace) -> int:
-    shapes = args.shapes or pinned.iter_buckets()
-    ds = sorted({d for d, _ in shapes})
-    ts = sorted({1 << max(0, t - 1).bit_length() for _, t in shapes})
-    if args.shapes and len(ds) * len(ts) != len(set(shapes)):
+    shapes = {(d, 1 << max(0, t - 1).bit_length()) for d, t in args.shapes or pinned.iter_buckets()}
+    ds, ts = sorted({d for d, _ in shapes}), sorted({t for _, t in shapes})
+    if len(ds) * len(ts) != len(shapes):
         print("pclr tune: --shapes must form a grid (every d with every T): the table keys on (d, t) pairs",
               file=sys.stderr)
         return 2

@@ -181,6 +181,11 @@ def test_tune_help_reads_like_a_cli(capsys: pytest.CaptureFixture[str]) -> None:
         assert flag in out
     assert pclr_main(["tune", "--compile-only"]) == 2  # --compile-only needs --target
     assert "needs --target" in capsys.readouterr().err
+    assert pclr_main(["tune", "--compile-only", "--target", "sm_80", "--shapes", "2048x1024", "4096x4096"]) == 2
+    assert "must form a grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pclr_main(["tune", "--shapes", "4096"])
+    assert "a shape is DxT" in capsys.readouterr().err
 
 
 @needs_ptxas

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 from pclr.backends.triton import configs, pinned, prefill
@@ -293,3 +294,15 @@ def test_launch_spec_mirrors_the_launcher() -> None:
     assert launch_spec("split_sum", 128)[1](KernelConfig(block_n=1024)) == {"BLOCK": 1024}
     with pytest.raises(ValueError, match="kernel must be one of"):
         launch_spec("gemv", 128)
+
+
+def test_autotune_prune_reads_the_launch() -> None:
+    named = {"X": torch.zeros(4, dtype=torch.bfloat16), "IDX": torch.zeros(2, dtype=torch.int32),
+             "SBUF": torch.zeros(2), "K": 4096, "r": 3, "big": 2 ** 33, "beta_m": 0.5}
+    spec = configs.launch_spec("shrink", named, {"BLOCK_M": 128})
+    assert (spec.module, spec.fn) == ("lrp_fwd", "lrp_shrink_kernel")
+    assert spec.ptrs == {"X": "*bf16", "IDX": "*i32", "SBUF": "*fp32"}
+    assert spec.floats == ("beta_m",) and spec.extra == {"big": "i64"} and spec.not_div16 == {"r"}
+    # off a GPU the autotuner runs one config and compiles nothing; launch options in kwargs are ignored
+    cfgs = configs.gpu_configs("shrink")
+    assert configs._pruner("shrink")(cfgs, named, BLOCK_M=128, grid=(1,), warmup=False) == cfgs[:1]

@@ -1,4 +1,4 @@
-"""The ``pclr`` command line: ``pclr info | run | eval | bench``.
+"""The ``pclr`` command line: ``pclr info | run | eval | bench | tune``.
 
 Subcommands live in their own modules and are imported only when used, so ``pclr --help`` and ``pclr info`` stay
 fast and never fail because an optional piece (a GPU, the CUDA extension) is missing.
@@ -21,6 +21,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
              "Evaluate a saved run on every task and rewrite its report."),
     "bench": ("pclr.bench.cli", "add_bench_arguments", "bench_main",
               "Benchmark the LRP kernels against base Linear, the paper's formulation, dense and PEFT LoRA."),
+    "tune": ("pclr.tune", "add_tune_arguments", "tune_main",
+             "Regenerate the pinned launch configs of the prefill / training kernels (GPU, or --compile-only)."),
 }
 
 

@@ -6,7 +6,8 @@ kernel is compiled with ``triton.compile`` for a ``GPUTarget`` (no GPU needed); 
 assembles it (``-v``: registers and spill bytes of each function) and shared memory comes from the compiled metadata.
 
 The registry (:func:`registry`) is one table: a row per kernel launch the launchers make, with the configs taken
-from the launchers' own config sources (:mod:`pclr.backends.triton.prefill`'s pinned table,
+from the launchers' own config sources (the pinned tables of :mod:`pclr.backends.triton.pinned`, each compiled for
+its own architecture,
 :func:`pclr.backends.triton.decode.decode_config`, :func:`pclr.backends.triton.configs.gpu_configs`). Kernels of the
 default paths (extended prefill / training, decode, the gate) compile every config their launcher keeps and fail
 the test on a compile error, a spill or shared memory over the device limit (sm_90: 227 KB, sm_80: 163 KB). The
@@ -81,6 +82,7 @@ class Entry:
     configs: list[tuple[dict[str, Any], int, int]]
     floats: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # scalar args whose type is not i32
+    archs: tuple[int, ...] = ARCHS  # the architectures it is compiled for (a pinned table: its own only)
 
 
 def _pow2(v: int) -> int:
@@ -100,17 +102,36 @@ def _kept(kind: str, block_m: int, block_r: int) -> list[tuple[dict[str, Any], i
     from pclr.backends.triton import configs as tc
 
     meta = {"BLOCK_M": block_m, "BLOCK_R": block_r, "X": None}
-    kept = [c for c in tc.gpu_configs(kind) if tc.fits(c, meta, SMEM_LIMIT[80])]
+    kept = [c for c in tc.gpu_configs(kind) if tc.fits(c, meta, SMEM_LIMIT[80], kind)]
     if not os.environ.get("PCLR_COMPILE_ALL"):
         kept = [max(kept, key=lambda c: (_acc_per_thread(c, block_m, block_r), tc.smem_estimate(c, meta, 1)))]
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kept]
+
+
+def pinned_entries() -> list[Entry]:
+    """One entry per (table, kernel, token tile, config) of the shipped pinned tables, for the table's arch only."""
+    from pclr.backends.triton import pinned
+    from pclr.tune import block_m, launch_spec
+
+    tables = pinned.read_table(pinned.TABLE_FILE)
+    out: dict[tuple, Entry] = {}
+    for arch, table in tables.items():
+        number = int(arch.removeprefix("sm_"))
+        for (kernel, _, t), cfg in sorted(table.entries.items()):
+            bm = block_m(t, TARGET["B"])
+            spec, meta = launch_spec(kernel, bm, TARGET["n_s"] + TARGET["r"])
+            key = (arch, kernel, bm, cfg)
+            if key not in out:
+                out[key] = Entry(f"{spec.name}@{arch}", spec.module, spec.fn, "default", dict(spec.ptrs),
+                                 dict(spec.consts), [(meta(cfg), cfg.num_warps, cfg.num_stages)], spec.floats,
+                                 dict(spec.extra), archs=(number,))
+    return list(out.values())
 
 
 def registry() -> list[Entry]:
     """Every Triton kernel launch of pclr at the target point (bf16 data, fp32 accumulation)."""
     import triton.language as tl
 
-    from pclr.backends.triton import prefill
     from pclr.backends.triton.decode import decode_config
 
     t = TARGET
@@ -133,37 +154,9 @@ def registry() -> list[Entry]:
               [({"BLOCK_N": _pow2(t["n"]), "BLOCK_R": _pow2(t["r"])}, 4 if _pow2(t["n"]) <= 1024 else 8, 3)]),
     ]
 
-    # --- extended prefill / training (prefill's pinned table, each kernel its one config) -------------------------
-    cfg = prefill._GPU_CONFIGS
-    rc = prefill.rank_chunk(R)
-    pre = {"X": bf, "DS": bf, "DM": bf, "W": bf, "BIAS": bf, "OUT": bf, "US": bf, "UM": bf, "XA": bf, "XB": bf,
-           "AM": bf, "BM": bf, "AS": bf, "BS": bf, "U": "*fp32", "P": "*fp32", "PA": "*fp32", "PB": "*fp32",
-           "DVAL": "*fp32", "VAL": "*fp32", "DS_ACC": "*fp32", "IDX": "*i32", "TRAIN": "*i8", "SRC": "*i32",
-           "STARTS": "*i32", "COUNTS": "*i32", "SEG_START": "*i32", "SEG_COUNT": "*i32", **tiles}
-    c = cfg["shrink"]
-    out.append(Entry("shrink", "lrp_prefill", "shrink_kernel", "default", pre,
-                     {"SORTED": True, "BLOCK_M": bm, "RC": rc, "BLOCK_K": c.block_k, "ACC": f32},
-                     [({}, c.num_warps, c.num_stages)]))
-    c = cfg["gemm"]
-    for tag, unit in (("y", "stride_wk"), ("dX", "stride_wn")):  # dX: W read transposed (its strides swapped)
-        out.append(Entry(f"kext_gemm[{tag}]", "lrp_prefill", "kext_gemm_kernel", "default", pre,
-                         {"HAS_BIAS": tag == "y", "SORTED": True, "GROUP_M": prefill.GROUP_M, "BLOCK_M": bm,
-                          "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "RC": rc, "ACC": f32, unit: 1},
-                         [({}, c.num_warps, c.num_stages)], floats=("beta_m", "beta_s")))
-    c = cfg["grad"]
-    # rank_grad's U input is the saved u (fp32); DS is the fp32 dS of the shrink
-    grad_ptrs = {**pre, "DS": "*fp32", "U": "*fp32", "TOK": "*i32"}
-    out.append(Entry("rank_grad", "lrp_prefill", "rank_grad_kernel", "default", grad_ptrs,
-                     {"NEED_POOL": True, "NEED_SHARED": True, "HAS_TRAIN": True, "NEED_GRAD": True, "NEED_VAL": True,
-                      "SORTED": True, "BLOCK_M": bm, "BLOCK_N": c.block_n, "RC": rc,
-                      "NUM_RC": min(prefill.MAX_RANK_CHUNKS, -(-R // rc)), "ACC": f32},
-                     [({}, c.num_warps, c.num_stages)], floats=("beta_m", "beta_s")))
-    c = cfg["reduce"]
-    out.append(Entry("rows_reduce", "lrp_prefill", "rows_reduce_kernel", "default", pre,
-                     {"BLOCK_N": c.block_n, "ACC": f32}, [({}, c.num_warps, c.num_stages)]))
-    c = cfg["split_sum"]
-    out.append(Entry("split_sum", "lrp_prefill", "split_sum_kernel", "default", pre,
-                     {"BLOCK": c.block_n, "ACC": f32}, [({}, c.num_warps, c.num_stages)]))
+    # --- extended prefill / training: every config of every pinned table (pclr.backends.triton.pinned), compiled
+    # for its own architecture at each bucket's token tile --------------------------------------------------------
+    out += pinned_entries()
 
     # --- decode (decode_config at every token tile of B = 1…64 one-token samples) --------------------------------
     rows = t["n"] + t["n_s"]
@@ -309,7 +302,7 @@ def config_str(meta: dict[str, Any], warps: int, stages: int) -> str:
 
 def jobs(archs: tuple[int, ...] = ARCHS, only: str = "") -> list[tuple[int, int, int]]:
     """(entry index, config index, arch) of every compile, in registry order."""
-    return [(i, j, arch) for arch in archs for i, e in enumerate(registry()) if only in e.name
+    return [(i, j, arch) for arch in archs for i, e in enumerate(registry()) if only in e.name and arch in e.archs
             for j in range(len(e.configs))]
 
 

@@ -9,6 +9,7 @@ from pclr import dispatch
 from pclr.bench.work import WorkCounter
 
 triton_decode = pytest.importorskip("pclr.backends.triton.decode")
+phases = pytest.importorskip("pclr.backends.triton.phases")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,6 +95,16 @@ def test_out_of_range_routes_read_nothing():
     val = p["val"].clone()
     val[1, 0] = val[2, 2] = 0.0  # the same routes with those entries weighted 0
     torch.testing.assert_close(y, _reference({**p, "val": val}), atol=1e-12, rtol=1e-10)
+
+
+def test_one_launch_leaves_its_counters_zero_and_repeats_exactly():
+    # the phase counters are reused by every call on the stream: each launch must leave them at zero
+    p = _problem(8, 8, 96, 80, 12, 4, 2, dtype=torch.float32)
+    y1 = triton_decode.decode_forward(**p)
+    assert phases.phase_counters(p["x"].device).tolist() == [0, 0]
+    y2 = triton_decode.decode_forward(**p)
+    assert torch.equal(y1, y2)  # the splits are summed in a fixed order: deterministic
+    assert phases.phase_counters(p["x"].device).tolist() == [0, 0]
 
 
 def test_rejects_too_many_tokens():

@@ -29,6 +29,8 @@ def phase_counters(device: torch.device) -> Tensor:
     memory pool, and the graph records its zero fill; replaying that fill is harmless (the counters are zero then).
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # one buffer per physical device
     key = (device.type, device.index if device.index is not None else -1, _stream_id(device))
     buf = _COUNTERS.get(key)
     if buf is None:

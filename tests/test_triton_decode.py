@@ -140,9 +140,9 @@ def test_executed_bytes_near_floor(B, dtype):
 
     Floor: W once + each used pool row once (A and B) + the shared rows + x + y. The fused expand writes y once and
     reads W and each used B row once over its output tiles; what it adds is per output tile: every tile reads all
-    of x [T, d_in], the gated S of the live rows [split, T, used + n_s] and the usage bitmap. On a GPU those
-    re-reads hit L2 (x is at most 64 rows); the interpreter counts every load, so they are named here and
-    everything else must stay within 5 % of the floor.
+    of x [T, d_in], the gated S of the live rows [split, T, used + n_s] and the usage bitmap. The shrink phase
+    reads x once per row chunk. On a GPU those re-reads hit L2 (x is at most 64 rows); the interpreter counts
+    every load, so they are named here and everything else must stay within 5 % of the floor.
     """
     d, n, r, n_s = 1024, 64, 24, 8
     p = _problem(B, B, d, d, n, r, n_s, dtype=dtype, bias=False, seed=7)
@@ -152,9 +152,12 @@ def test_executed_bytes_near_floor(B, dtype):
     cfg = triton_decode.decode_config(B, d, d, n + n_s, B * r)
     tiles = -(-d // cfg.block_n)
     per_tile = esize * B * d + esize * cfg.split * B * (used + n_s) + (n + n_s)
+    chunk_rereads = (-(-(n + n_s) // cfg.block_j) - 1) * esize * B * d
+    phases.phase_counters(p["x"].device)  # created (zero-filled) once per stream, not per call
     with WorkCounter() as wc:
         y = triton_decode.decode_forward(**p)
-    assert wc.work.bytes <= 1.05 * floor + tiles * per_tile, (wc.work.bytes / floor, wc.work.by_kernel)
+    assert wc.work.bytes <= 1.05 * floor + tiles * per_tile + chunk_rereads, (wc.work.bytes / floor,
+                                                                              wc.work.by_kernel)
     assert wc.work.launches == 1  # shrink and fused base + expand phases in one launch: nothing per sample
     tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-5, "rtol": 2e-5}
     torch.testing.assert_close(y, _reference(p), **tol)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from pclr.kernels.gate import sample_gate
+from pclr.kernels.phases import phase_end, phase_publish, phase_wait
 
 
 @triton.jit
@@ -200,48 +201,63 @@ def lrp_shrink_kernel(
 
 @triton.jit
 def lrp_one_pass_kernel(
-    X, W, BIAS, OUT, AS, AM, BS, BM, Q1, K1, Q2, K2, CAND, IDX, VAL,
+    X, W, BIAS, OUT, AS, AM, BS, BM, Q1, K1, Q2, K2, CAND, IDX, VAL, COUNTERS,
     TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT,
-    T, K, N, n, n_s, r, d1, d2, n_lrp,
+    T, K, N, n, n_s, r, d1, d2, B, n_lrp,
     stride_x, stride_w, stride_out, stride_a, stride_b, stride_q1, stride_k1, stride_q2, stride_k2, stride_cand,
     stride_idx, w1, w2, beta_m, beta_s,
     key_t, key_k, key_n,  # autotune keys: shape buckets only
     HAS_BIAS: tl.constexpr, TWO_PARTS: tl.constexpr, HAS_CAND: tl.constexpr, SOFT: tl.constexpr,
-    SORTED: tl.constexpr, DECODE: tl.constexpr,
+    SORTED: tl.constexpr, DECODE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_NK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Gate and gated LRP linear in one launch: y = x·Wᵀ + b + (scale ⊙ x·A_effᵀ)·B_eff with A_eff/B_eff chosen by
-    the per-sample top-r of Σ_p w_p·cos(q_p[s], K_p) computed in each program's prologue.
+    """Gate and gated LRP linear in one launch, two phases (:mod:`pclr.kernels.phases`): y = x·Wᵀ + b +
+    (scale ⊙ x·A_effᵀ)·B_eff with A_eff/B_eff chosen by the per-sample top-r of Σ_p w_p·cos(q_p[s], K_p).
 
-    Programs pid_m < n_lrp are LRP tiles (as :func:`lrp_expand_kernel`, fused variant); programs
-    pid_m = n_lrp + s (pid_n == 0) only write sample s's IDX int32 [B, r] / VAL fp32 [B, r] for the backward, so a
-    sample without tokens still gets its routing. Grid: (n_lrp + B, cdiv(N, BLOCK_N)).
+    Grid (1-D): B + n_lrp · cdiv(N, BLOCK_N) programs.
+
+    * programs [0, B), the gate phase (producers): program s scores all keys for sample s once, selects its top-r
+      and writes IDX int32 [B, r] / VAL fp32 [B, r] (also what the backward reads), then publishes. They take the
+      lowest ids so that they are dispatched first and never wait behind an LRP program.
+    * programs [B, B + n_lrp · cdiv(N, BLOCK_N)), the LRP phase (consumers): program B + l is token tile
+      l % n_lrp and output tile l // n_lrp (consecutive programs share W's tile, as in a 2-D grid's dispatch
+      order); it waits for the gate phase, reads its sample's rank lanes from IDX/VAL (as :func:`rank_rows`, the
+      loads bypassing L1), then runs the fused tile (:func:`lrp_expand_kernel`'s fused variant). It waits before
+      its K loop because that loop computes S with the gated rows of A; the gate's latency then delays the first
+      wave of tiles only.
+
+    COUNTERS int32 [2] (FLAG, DONE): zero at launch and left zero. Each sample's gate is computed once, not once per
+    LRP program: the keys are read B times per launch, the top-r rounds run B times.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if (pid_m >= n_lrp) & (pid_n > 0):
-        return
-    if pid_m >= n_lrp:
-        s_w = pid_m - n_lrp
-        row_w, val_w = sample_gate(s_w, Q1, K1, Q2, K2, CAND, n, d1, d2, stride_q1, stride_k1, stride_q2,
+    pid = tl.program_id(0)
+    FLAG = COUNTERS
+    DONE = COUNTERS + 1
+    offs_r = tl.arange(0, BLOCK_R)
+    if pid < B:
+        row_g, val_g = sample_gate(pid, Q1, K1, Q2, K2, CAND, n, d1, d2, stride_q1, stride_k1, stride_q2,
                                    stride_k2, stride_cand, w1, w2, n_s, r, TWO_PARTS, HAS_CAND, SOFT,
                                    BLOCK_NK, BLOCK_D, BLOCK_R)
-        lanes = tl.arange(0, BLOCK_R)
-        pool = (lanes >= n_s) & (lanes < n_s + r)
-        tl.store(IDX + s_w * stride_idx + lanes - n_s, row_w, mask=pool)
-        tl.store(VAL + s_w * stride_idx + lanes - n_s, val_w, mask=pool)
-        return
-    if tile_is_empty(pid_m, TILE_START, TILE_END, DECODE):
-        return
-    s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
-                                      SORTED, DECODE, BLOCK_M)
-    row32, v = sample_gate(s, Q1, K1, Q2, K2, CAND, n, d1, d2, stride_q1, stride_k1, stride_q2, stride_k2,
-                           stride_cand, w1, w2, n_s, r, TWO_PARTS, HAS_CAND, SOFT, BLOCK_NK, BLOCK_D, BLOCK_R)
-    offs_r = tl.arange(0, BLOCK_R)
-    is_s = offs_r < n_s
-    is_m = (offs_r >= n_s) & (offs_r < n_s + r)
-    scale = tl.where(is_s, beta_s, v * beta_m)
-    gated_tile(X, W, BIAS, OUT, AS, AM, BS, BM, OUT, pid_n, pos, tok, mask_m, offs_r, is_s, is_m,
-               row32.to(tl.int64), scale, K, N, stride_x, stride_w, 1, stride_out, stride_a, stride_b, 0,
-               True, HAS_BIAS, False, False, True, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, tl.float32)
+        pool = (offs_r >= n_s) & (offs_r < n_s + r)
+        tl.store(IDX + pid * stride_idx + offs_r - n_s, row_g, mask=pool)
+        tl.store(VAL + pid * stride_idx + offs_r - n_s, val_g, mask=pool)
+        phase_publish(FLAG)
+    else:
+        lrp = pid - B
+        pid_m = lrp % n_lrp
+        pid_n = lrp // n_lrp
+        if not tile_is_empty(pid_m, TILE_START, TILE_END, DECODE):
+            s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
+                                              SORTED, DECODE, BLOCK_M)
+            phase_wait(FLAG, B, INTERPRET)
+            # sample s's rank lanes as rank_rows lays them out, read from what the gate phase wrote
+            is_s = offs_r < n_s
+            is_m = (offs_r >= n_s) & (offs_r < n_s + r)
+            i = offs_r - n_s
+            row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0, cache_modifier=".cg").to(tl.int64)
+            v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0, cache_modifier=".cg")
+            scale = tl.where(is_s, beta_s, v * beta_m)
+            gated_tile(X, W, BIAS, OUT, AS, AM, BS, BM, OUT, pid_n, pos, tok, mask_m, offs_r, is_s, is_m,
+                       row, scale, K, N, stride_x, stride_w, 1, stride_out, stride_a, stride_b, 0,
+                       True, HAS_BIAS, False, False, True, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, tl.float32)
+    phase_end(FLAG, DONE)

@@ -227,9 +227,9 @@ def lrp_gate_linear(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-sample gate and the gated linear together: ``lrp_gate`` (scope "sample") then ``lrp_linear``.
 
-    The triton backend runs both in one launch (the gate in the prologue of the fused linear); other backends, and
-    triton on inputs its one-launch kernel does not take (more than two query parts, float64), run the gate, then
-    the linear. The result is the same either way.
+    The triton backend runs both in one launch (a gate phase, one program per sample, then the fused linear);
+    other backends, and triton on inputs its one-launch kernel does not take (more than two query parts, float64,
+    more than 1024 experts), run the gate, then the linear. The result is the same either way.
 
     Args:
         x, weight, bias, A_m, B_m, A_s, B_s, beta_m, beta_s, sample_of_token, trainable, deterministic:

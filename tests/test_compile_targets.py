@@ -54,7 +54,9 @@ KNOWN_VIOLATIONS: dict[str, tuple[tuple[int, ...], str]] = {
     "lrp_expand[fused]": ((80,), "sm_80 has no wgmma: the W and rank tiles pass through registers next to the "
                                  "[128, 64] accumulator and the [128, 128] S tile; 8 warps and 64 columns still spill "
                                  "a few hundred bytes"),
-    "lrp_one_pass": ((80,), "as lrp_expand[fused], plus the gate prologue's key tile"),
+    "lrp_one_pass": ((80,), "its LRP phase is lrp_expand[fused]'s tile, and the kernel's register allocation also "
+                            "covers the gate phase's branch: about 350 bytes spill on sm_80 (none on sm_90)"),
+    "lrp_one_pass[n=1024]": ((80,), "as lrp_one_pass (the gate's key tile stays at 16K elements: narrower steps)"),
     "segment_dval": ((90, 80), "launch_dval runs it at 4 warps with [BLOCK_M, BLOCK_R] = [128, 128] fp32 tiles of "
                                "dS and u (256 registers per thread); it needs 8 warps or a 32-token step"),
 }
@@ -133,6 +135,7 @@ def registry() -> list[Entry]:
     import triton.language as tl
 
     from pclr.backends.triton.decode import decode_config
+    from pclr.backends.triton.one_pass import MAX_ONE_PASS_N, gate_block_d
 
     t = TARGET
     R = t["n_s"] + t["r"]
@@ -163,17 +166,13 @@ def registry() -> list[Entry]:
     for T in DECODE_T:
         d = decode_config(T, t["d"], t["d"], rows, T * t["r"])
         out.append(Entry(
-            f"decode_shrink[T={T}]", "lrp_decode", "decode_shrink_kernel", "default",
-            {"X": bf, "AS": bf, "AM": bf, "IDX": "*i32", "VAL": "*fp32", "SOT": "*i32", "SG": "*fp32",
-             "USED": "*i8"}, {"ACC": f32},
-            [({"BLOCK_T": d.block_t, "BLOCK_J": d.block_j, "BLOCK_K": d.block_k, "BLOCK_U": d.block_u},
-              d.shrink_warps, 3)], floats=("beta_m", "beta_s")))
-        out.append(Entry(
-            f"decode_expand[T={T}]", "lrp_decode", "decode_expand_kernel", "default",
-            {"Y": bf, "X": bf, "W": bf, "BIAS": bf, "BS": bf, "BM": bf, "SG": "*fp32", "USED": "*i8"},
-            {"ACC": f32, "HAS_BASE": True, "HAS_BIAS": True},
-            [({"BLOCK_T": d.block_t, "BLOCK_J": d.expand_block_j, "BLOCK_N": d.block_n, "BLOCK_K": d.expand_block_k},
-              d.expand_warps, 3)]))
+            f"decode[T={T}]", "lrp_decode", "decode_kernel", "default",
+            {"Y": bf, "X": bf, "W": bf, "BIAS": bf, "AS": bf, "AM": bf, "BS": bf, "BM": bf, "IDX": "*i32",
+             "VAL": "*fp32", "SOT": "*i32", "SG": "*fp32", "USED": "*i8", "COUNTERS": "*i32"},
+            {"ACC": f32, "HAS_BASE": True, "HAS_BIAS": True, "INTERPRET": False},
+            [({"BLOCK_T": d.block_t, "BLOCK_J": d.block_j, "BLOCK_K": d.block_k, "BLOCK_U": d.block_u,
+               "EXPAND_BLOCK_J": d.expand_block_j, "BLOCK_N": d.block_n, "EXPAND_BLOCK_K": d.expand_block_k},
+              d.num_warps, 3)], floats=("beta_m", "beta_s")))
 
     # --- comparison paths: fused / split / epilogue forward and their backward ------------------------------------
     expand_ptrs = {"X": bf, "W": bf, "BIAS": bf, "OUT": bf, "DS": bf, "DM": bf, "US": bf, "UM": bf, "IDX": "*i32",
@@ -207,14 +206,18 @@ def registry() -> list[Entry]:
         {"G": "*fp32", "H": "*fp32", "DVAL": "*fp32", "SEG_START": "*i32", "SEG_COUNT": "*i32"},
         {"ACC": f32}, [({"BLOCK_M": bm, "BLOCK_R": br}, 4, 3)], floats=("beta_m",)))
 
-    # --- one-pass gate + LRP (launch_one_pass: the "expand" autotune list; BLOCK_D 64 up to n = 1024) -------------
-    out.append(Entry(
-        "lrp_one_pass", "lrp_fwd", "lrp_one_pass_kernel", "comparison",
-        {"X": bf, "W": bf, "BIAS": bf, "OUT": bf, "AS": bf, "AM": bf, "BS": bf, "BM": bf, "Q1": bf, "K1": bf,
-         "Q2": bf, "K2": bf, "CAND": "*i8", "IDX": "*i32", "VAL": "*fp32", **tiles, "SOT": "*i32"},
-        {"HAS_BIAS": True, "TWO_PARTS": True, "HAS_CAND": False, "SOFT": True, "SORTED": True, "DECODE": False,
-         "BLOCK_M": bm, "BLOCK_R": br, "BLOCK_NK": max(16, _pow2(t["n"])), "BLOCK_D": 64},
-        _kept("one_pass", bm, br), floats=("w1", "w2", "beta_m", "beta_s")))
+    # --- one-pass gate phase + LRP phase (launch_one_pass: the "expand" autotune list, its gate's key tile) -------
+    one_pass_ptrs = {"X": bf, "W": bf, "BIAS": bf, "OUT": bf, "AS": bf, "AM": bf, "BS": bf, "BM": bf, "Q1": bf,
+                     "K1": bf, "Q2": bf, "K2": bf, "CAND": "*i8", "IDX": "*i32", "VAL": "*fp32", "COUNTERS": "*i32",
+                     **tiles, "SOT": "*i32"}
+    one_pass_consts = {"HAS_BIAS": True, "TWO_PARTS": True, "HAS_CAND": False, "SOFT": True, "SORTED": True,
+                       "DECODE": False, "INTERPRET": False, "BLOCK_M": bm, "BLOCK_R": br}
+    # the target point's n, and the largest n the one-pass path takes (its gate holds n scores per program)
+    for tag, n_keys in (("", t["n"]), (f"[n={MAX_ONE_PASS_N}]", MAX_ONE_PASS_N)):
+        out.append(Entry(
+            f"lrp_one_pass{tag}", "lrp_fwd", "lrp_one_pass_kernel", "comparison", one_pass_ptrs,
+            {**one_pass_consts, "BLOCK_NK": max(16, _pow2(n_keys)), "BLOCK_D": gate_block_d(n_keys)},
+            _kept("one_pass", bm, br), floats=("w1", "w2", "beta_m", "beta_s")))
     return out
 
 

@@ -5,6 +5,7 @@ CPU runs through TRITON_INTERPRET=1 in float32; shapes stay small so the interpr
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -290,7 +291,7 @@ def _print_errors():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# One pass (gate in the prologue) vs gate-then-LRP through the reference
+# One pass (a gate phase, then the LRP phase, in one launch) vs gate-then-LRP through the reference
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -364,6 +365,20 @@ def test_one_pass_matches_gate_then_lrp(name, one_launches):
     if c.trainable is not None:
         assert torch.count_nonzero(g["A_m"][~c.trainable]) == 0 and torch.count_nonzero(g["B_m"][~c.trainable]) == 0
     _record("one_pass", errs)
+
+
+def test_one_pass_bounds_n_and_the_gate_key_tile():
+    # a gate program holds n scores and a key tile in registers: beyond MAX_ONE_PASS_N the gate's own kernels run
+    def inputs(n):
+        gate = SimpleNamespace(query=(torch.zeros(2, 8),), keys=(torch.zeros(n, 8),), scope="sample")
+        return SimpleNamespace(gate=gate, linear=SimpleNamespace(x=torch.zeros(3, 8)))
+
+    assert one_pass.one_pass_reasons(inputs(one_pass.MAX_ONE_PASS_N)) == []
+    why = one_pass.one_pass_reasons(inputs(one_pass.MAX_ONE_PASS_N + 1))
+    assert len(why) == 1 and f"n = {one_pass.MAX_ONE_PASS_N + 1}" in why[0], why
+    for n in (1, 16, 100, 256, 1000, one_pass.MAX_ONE_PASS_N):
+        bd = one_pass.gate_block_d(n)
+        assert bd >= 1 and bd & (bd - 1) == 0 and max(16, configs.next_pow2(n)) * bd <= one_pass.KEY_TILE
 
 
 def test_one_pass_compiles_fullgraph():

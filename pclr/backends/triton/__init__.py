@@ -5,8 +5,9 @@ One concern per module: ``configs`` (tile sizes, autotuning), ``segments`` (toke
 (``lrp_linear``: picks the forward path, launchers of the fused / split / epilogue paths and their backward),
 ``prefill`` (the extended path: S once, one K-extended GEMM, the backward from the saved S), ``decode`` (at most
 DECODE_MAX_TOKENS tokens: each used pool row read once for the batch), ``gate`` (``lrp_gate``), ``one_pass``
-(``lrp_gate_linear`` in one launch). This module holds the backend object dispatch uses. An absent or broken
-triton makes the backend report why it cannot run; it never makes ``import pclr`` fail.
+(``lrp_gate_linear`` in one launch), ``phases`` (the counters and grid of a launch whose programs wait for the
+launch's own producer programs: decode, one-pass). This module holds the backend object dispatch uses. An absent
+or broken triton makes the backend report why it cannot run; it never makes ``import pclr`` fail.
 """
 from __future__ import annotations
 

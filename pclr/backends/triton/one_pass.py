@@ -1,5 +1,11 @@
-"""The triton one-launch ``lrp_gate_linear``: the per-sample gate in the prologue of the fused LRP linear (one launch,
-no separate gate). Same result as ``lrp_gate`` (scope "sample") followed by ``lrp_linear``.
+"""The triton one-launch ``lrp_gate_linear``: a gate phase, then the fused LRP linear, in one launch
+(:func:`pclr.kernels.lrp_fwd.lrp_one_pass_kernel`, phase barrier of :mod:`pclr.kernels.phases`). Same result as
+``lrp_gate`` (scope "sample") followed by ``lrp_linear`` with the fused variant.
+
+The gate phase is B programs, one per sample (the lowest program ids): each scores all n keys once, selects the
+top-r and writes idx/val; the LRP programs wait for them and read their sample's rows from idx/val. Each sample's
+gate is computed once per launch, not once per LRP program. A gate program holds one sample's score row and a
+[n, BLOCK_D] key tile in registers, hence the bound on n (:data:`MAX_ONE_PASS_N`).
 """
 from __future__ import annotations
 
@@ -8,11 +14,22 @@ import triton
 from torch import Tensor
 
 from pclr.backends.base import GateLinearInputs
-from pclr.backends.triton.configs import block_r, next_pow2, one_pass_kernel
+from pclr.backends.triton.configs import INTERPRET, block_r, next_pow2, one_pass_kernel
 from pclr.backends.triton.linear import base_linear, rows_or
+from pclr.backends.triton.phases import phase_counters, phase_grid
 from pclr.backends.triton.segments import decode_block_m, segment_tokens, tile_block_m
 
-MAX_PARTS = 2  # the prologue scores at most two query parts (text, vision)
+MAX_PARTS = 2  # a gate program scores at most two query parts (text, vision)
+# A gate program holds its sample's n scores and a [n, BLOCK_D] key tile in registers; up to 1024 experts that stays
+# within the registers the LRP phase needs (tests/test_compile_targets.py), beyond it the gate's own kernels
+# (lrp_gate, then lrp_linear) run instead.
+MAX_ONE_PASS_N = 1024
+KEY_TILE = 16384  # key elements per step of the gate's score loop: 64 fp32 registers per thread at 8 warps
+
+
+def gate_block_d(n: int) -> int:
+    """Key columns per step of a gate program's score loop: the [next_pow2(n), BLOCK_D] key tile ≤ KEY_TILE."""
+    return max(1, min(64, KEY_TILE // max(16, next_pow2(n))))
 
 
 def one_pass_reasons(inputs: GateLinearInputs) -> list[str]:
@@ -23,6 +40,9 @@ def one_pass_reasons(inputs: GateLinearInputs) -> list[str]:
         why.append(f"the one-pass kernel scores at most {MAX_PARTS} query parts, got {len(g.query)}")
     if g.scope != "sample":
         why.append(f"the one-pass kernel gates per sample, got scope {g.scope!r}")
+    n = g.keys[0].shape[0]
+    if n > MAX_ONE_PASS_N:
+        why.append(f"the one-pass kernel's gate holds at most {MAX_ONE_PASS_N} expert scores per program, got n = {n}")
     if any(t.dtype == torch.float64 for t in (i.x, *g.query, *g.keys)):
         why.append("the one-pass kernel computes in float32 (float16/bfloat16/float32 inputs); got float64")
     return why
@@ -59,20 +79,21 @@ def launch_one_pass(inputs: GateLinearInputs) -> tuple[Tensor, Tensor, Tensor]:
     q2, k2 = (q[1], k[1]) if two else (q[0], k[0])
     cand = None if candidates is None else candidates.to(torch.int8).contiguous()
     bias = None if bias is None else bias.contiguous()
-    grid = lambda meta: (n_lrp + B, triton.cdiv(d_out, meta["BLOCK_N"]))
+    n_out = lambda meta: triton.cdiv(d_out, meta["BLOCK_N"])  # noqa: E731
+    grid = lambda meta: phase_grid(B, n_lrp * n_out(meta))  # noqa: E731 -- gate programs first, then LRP tiles
     one_pass_kernel[grid](
         x, weight, bias if bias is not None else y, y, rows_or(A_s, A_m), A_m, rows_or(B_s, B_m), B_m,
-        q[0], k[0], q2, k2, cand if cand is not None else idx, idx, val,
+        q[0], k[0], q2, k2, cand if cand is not None else idx, idx, val, phase_counters(dev),
         tok, t_sample, t_start, t_end, sot if T else idx,
-        T, d_in, d_out, n, n_s, r, k[0].shape[1], k2.shape[1], n_lrp,
+        T, d_in, d_out, n, n_s, r, k[0].shape[1], k2.shape[1], B, n_lrp,
         x.stride(0), weight.stride(0), y.stride(0), A_m.stride(0), B_m.stride(0),
         q[0].stride(0), k[0].stride(0), q2.stride(0), k2.stride(0),
         (cand.stride(0) if cand is not None and cand.dim() == 2 else 0), idx.stride(0),
         float(weights[0]), float(weights[1]) if two else 0.0, float(beta_m), float(beta_s),
         next_pow2(T), d_in, d_out,
         HAS_BIAS=bias is not None, TWO_PARTS=two, HAS_CAND=cand is not None, SOFT=soft,
-        SORTED=tiles is not None and tiles.tok is not None, DECODE=tiles is None,
+        SORTED=tiles is not None and tiles.tok is not None, DECODE=tiles is None, INTERPRET=INTERPRET,
         BLOCK_M=dec_bm or (tiles.block_m if tiles is not None else 16), BLOCK_R=block_r(n_s + r),
-        BLOCK_NK=max(16, next_pow2(n)), BLOCK_D=32 if n > 1024 else 64,
+        BLOCK_NK=max(16, next_pow2(n)), BLOCK_D=gate_block_d(n),
     )
     return y, idx, val

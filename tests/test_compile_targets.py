@@ -134,6 +134,7 @@ def registry() -> list[Entry]:
     """Every Triton kernel launch of pclr at the target point (bf16 data, fp32 accumulation)."""
     import triton.language as tl
 
+    from pclr.backends.triton import prefill, prefill_tma
     from pclr.backends.triton.decode import decode_config
     from pclr.backends.triton.one_pass import MAX_ONE_PASS_N, gate_block_d
 
@@ -160,6 +161,19 @@ def registry() -> list[Entry]:
     # --- extended prefill / training: every config of every pinned table (pclr.backends.triton.pinned), compiled
     # for its own architecture at each bucket's token tile --------------------------------------------------------
     out += pinned_entries()
+    # the TMA / persistent variant of the K-extended GEMM (prefill_tma's pinned config; sm_90 only: tma_reasons
+    # sends every other architecture to the cp.async kernel): X and W through tensor descriptors
+    c = prefill_tma._GPU_CONFIG
+    tma_ptrs = {"X": bf, "BIAS": bf, "OUT": bf, "US": bf, "UM": bf, "U": "*fp32", "VAL": "*fp32", "IDX": "*i32",
+                **tiles}
+    for tag, w_box in (("y", (c.block_n, c.block_k)), ("dX", (c.block_k, c.block_n))):
+        descs = {"X_DESC": f"tensordesc<bf16[{bm}, {c.block_k}]>", "W_DESC": f"tensordesc<bf16[{w_box[0]}, {w_box[1]}]>"}
+        out.append(Entry(f"kext_gemm_tma[{tag}]", "lrp_prefill_tma", "kext_gemm_tma_kernel", "default",
+                         {**tma_ptrs, **descs},
+                         {"HAS_BIAS": tag == "y", "SORTED": True, "W_KN": tag == "dX", "GROUP_M": prefill.GROUP_M,
+                          "BLOCK_M": bm, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "RC": prefill.rank_chunk(R),
+                          "ACC": f32},
+                         [({}, c.num_warps, c.num_stages)], floats=("beta_m", "beta_s"), archs=(90,)))
 
     # --- decode (decode_config at every token tile of B = 1…64 one-token samples) --------------------------------
     rows = t["n"] + t["n_s"]

@@ -14,13 +14,16 @@ What differs is how the tiles are fed and walked:
   last row decide it). Rows of the box past the tile's end belong to other tokens: they only feed accumulator rows
   that are never stored. Other tiles gather their rows with plain loads (TMA cannot gather rows on sm_90).
 * The K extension (ceil(R / RC) more steps of the same accumulator) gathers rank rows of Up_eff by pool index with
-  plain loads, exactly as the non-TMA kernel: the rows of a sample are scattered over the pool.
+  plain loads, exactly as the cp.async kernel: the rows of a sample are scattered over the pool.
 * A persistent grid: min(#SMs, #tiles) programs, each walking tiles pid, pid + #programs, ... in the grouped order of
-  the non-TMA kernel (GROUP_M token tiles per group, so programs running together share X and W tiles in L2). The
-  launch costs one wave whatever the tile count, and a program's next tile loads overlap nothing of the previous
-  one's store: the saving is the per-program prologue (tile map, descriptors) and the tail of partial waves.
+  the cp.async kernel (GROUP_M token tiles per group, so programs running together share X and W tiles in L2). One
+  resident program per SM: no launch tail of partial waves, and the per-program prologue is paid once per SM.
+  Two options of Triton's persistent matmul are not used. ``tl.range(..., flatten=True)`` fuses a tile loop with a
+  single inner K loop into one pipelined loop; here the tile body holds a data-dependent branch (empty slot, row
+  run or gather) and two inner loops (the K blocks, then the rank chunks), and the sm_90 build with the flag is the
+  build without it. ``warp_specialize`` is documented by Triton 3.6 and 3.9 as Blackwell-only.
 
-Accumulation is ACC (fp32; fp64 for fp64 inputs under the interpreter), in the non-TMA kernel's order: the K blocks
+Accumulation is ACC (fp32; fp64 for fp64 inputs under the interpreter), in the cp.async kernel's order: the K blocks
 of the base product, then the rank chunks.
 """
 import triton

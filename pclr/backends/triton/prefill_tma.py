@@ -42,8 +42,9 @@ except Exception as exc:  # an absent or too old triton is a reason, never an im
 
 TMA_ALIGN = 16  # bytes: TMA's rule for the base address and every non-contiguous stride
 
-# Pinned like prefill's table (no tuning mid-run). GPU: compiles for sm_90 at d = 4096, T = 4096, R = 96 in bf16
-# without spills (tests/test_compile_targets.py); the interpreter runs the cp.async kernel's small blocks.
+# Pinned like prefill's table (no tuning mid-run). GPU: the cp.async GEMM's blocks with one more pipeline stage
+# (four stages of [128, 64] X and W boxes, 128 KB, within sm_90's 227 KB): compiles for sm_90 at d = 4096, T = 4096,
+# R = 96 in bf16 without spills (tests/test_compile_targets.py). The interpreter runs prefill's small blocks.
 _GPU_CONFIG = KernelConfig(block_n=128, block_k=64, num_warps=8, num_stages=4)
 _INTERPRET_CONFIG = KernelConfig(block_n=64, block_k=64)
 

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from pclr.backends.triton.configs import INTERPRET
 from pclr.backends.triton.configs import acc_types as _acc
-from pclr.backends.triton.prefill import GROUP_M, KernelConfig, rank_chunk, sm_count
+from pclr.backends.triton.pinned import KernelConfig
+from pclr.backends.triton.prefill import GROUP_M, rank_chunk, sm_count
 from pclr.backends.triton.segments import Tiles
 
 try:

@@ -50,13 +50,20 @@ def tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED: tl.constexpr,
 
 
 @triton.jit
-def rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC: tl.constexpr, ACC: tl.constexpr):
-    """Ranks r0 .. r0 + RC of sample s: (lanes, is_shared, is_pool, pool row int64 (0 unused), scale (0 unused))."""
+def rank_chunk(s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, RC: tl.constexpr, ACC: tl.constexpr):
+    """Ranks r0 .. r0 + RC of sample s: (lanes, is_shared, is_pool, pool row int64 (0 unused), scale (0 unused)).
+
+    A pool lane whose idx lies outside [0, n) is unused like a lane past R: is_pool is false there, so every gather
+    of the pool is masked (no row outside the pool is read or written), its scale is 0 (nothing reaches y) and its
+    dS / u columns are 0 (its dval and its partial rank rows are exactly 0).
+    """
     lanes = r0 + tl.arange(0, RC)
     is_s = lanes < n_s
     is_m = (lanes >= n_s) & (lanes < n_s + r)
     i = lanes - n_s
     row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
+    is_m = is_m & (row >= 0) & (row < n)
+    row = tl.where(is_m, row, 0)
     v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(ACC)
     scale = tl.where(is_s, beta_s, v * beta_m).to(ACC)
     return lanes, is_s, is_m, row, scale
@@ -81,7 +88,7 @@ def gather_rows(RS, RM, lanes, row, is_s, is_m, stride, offs_c, mask_c):
 @triton.jit
 def shrink_kernel(
     X, DS, DM, IDX, U, TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    K, R, n_s, r, k_per_split,
+    K, R, n, n_s, r, k_per_split,
     stride_x, stride_d, stride_idx, stride_split, stride_u,
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -96,7 +103,7 @@ def shrink_kernel(
     pid_k = tl.program_id(2)
     s, pos, tok, mask_m, live = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
     if live:
-        lanes, is_s, is_m, row, _ = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, ACC)
+        lanes, is_s, is_m, row, _ = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n, n_s, r, 1.0, 1.0, RC, ACC)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
         acc = tl.zeros([BLOCK_M, RC], dtype=ACC)
@@ -130,7 +137,7 @@ def split_sum_kernel(P, U, numel, splits, stride_split, BLOCK: tl.constexpr, ACC
 @triton.jit
 def kext_gemm_kernel(
     X, W, BIAS, OUT, U, US, UM, IDX, VAL, TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    num_tiles, K, N, R, n_s, r,
+    num_tiles, K, N, R, n, n_s, r,
     stride_x, stride_wn, stride_wk, stride_out, stride_u, stride_up, stride_idx,
     beta_m, beta_s,
     HAS_BIAS: tl.constexpr, SORTED: tl.constexpr, GROUP_M: tl.constexpr,
@@ -165,7 +172,7 @@ def kext_gemm_kernel(
                         mask=mask_n[None, :] & mask_k[:, None], other=0.0)
             acc = tl.dot(x, w, acc=acc, input_precision="ieee")
         for r0 in range(0, R, RC):
-            lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+            lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, RC,
                                                        ACC)
             u = tl.load(U + pos[:, None].to(tl.int64) * stride_u + lanes[None, :],
                         mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
@@ -179,10 +186,10 @@ def kext_gemm_kernel(
 
 
 @triton.jit
-def scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R, stride_g,
+def scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, R, stride_g,
                      RC: tl.constexpr, ACC: tl.constexpr):
     """(scale ⊙ G)[pos, r0 .. r0 + RC] in ACC ([BLOCK_M, RC]; lanes ≥ R are 0) and the lanes."""
-    lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC, ACC)
+    lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, RC, ACC)
     g = tl.load(G + pos[:, None].to(tl.int64) * stride_g + lanes[None, :],
                 mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
     return g * scale[None, :], lanes
@@ -196,7 +203,7 @@ def store_partial(P, acc, s, lanes, R, offs_n, mask_n, stride_p):
 
 @triton.jit
 def rank_grad_block(
-    G, X, P, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, D, R,
+    G, X, P, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, D, R,
     stride_g, stride_x, stride_p,
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
     NUM_RC: tl.constexpr, ACC: tl.constexpr,
@@ -224,19 +231,19 @@ def rank_grad_block(
         x = tl.load(X + tok[:, None] * stride_x + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
                     other=0.0)
         xt = tl.trans(x)
-        g, _ = scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R,
+        g, _ = scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, R,
                                 stride_g, RC, ACC)
         acc0 = tl.dot(xt, g.to(x.dtype), acc=acc0, input_precision="ieee")
         if NUM_RC > 1:
-            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R,
+            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + RC, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, R,
                                     stride_g, RC, ACC)
             acc1 = tl.dot(xt, g.to(x.dtype), acc=acc1, input_precision="ieee")
         if NUM_RC > 2:
-            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 2 * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 2 * RC, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s,
                                     R, stride_g, RC, ACC)
             acc2 = tl.dot(xt, g.to(x.dtype), acc=acc2, input_precision="ieee")
         if NUM_RC > 3:
-            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 3 * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 3 * RC, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s,
                                     R, stride_g, RC, ACC)
             acc3 = tl.dot(xt, g.to(x.dtype), acc=acc3, input_precision="ieee")
     store_partial(P, acc0, s, r0 + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
@@ -249,10 +256,10 @@ def rank_grad_block(
 
 
 @triton.jit
-def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr,
+def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n, n_s, r, NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr,
                 HAS_TRAIN: tl.constexpr, RC: tl.constexpr):
     """Number of lanes of ranks r0 .. r0 + RC whose gradient is wanted (trainable pool rows, wanted shared rows)."""
-    lanes, is_s, is_m, row, _ = rank_chunk(s, r0, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, tl.float32)
+    lanes, is_s, is_m, row, _ = rank_chunk(s, r0, IDX, IDX, stride_idx, n, n_s, r, 1.0, 1.0, RC, tl.float32)
     keep = lanes < 0
     if NEED_POOL:
         if HAS_TRAIN:
@@ -267,7 +274,7 @@ def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL: tl.constexpr, 
 @triton.jit
 def rank_grad_kernel(
     DS, U, XA, XB, PA, PB, DVAL, IDX, VAL, TRAIN, TOK, SEG_START, SEG_COUNT,
-    DA, DB, R, n_s, r, nblk_a,
+    DA, DB, R, n, n_s, r, nblk_a,
     stride_g, stride_xa, stride_xb, stride_pa, stride_pb, stride_dval, stride_idx,
     beta_m, beta_s,
     NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr, HAS_TRAIN: tl.constexpr,
@@ -279,7 +286,7 @@ def rank_grad_kernel(
     DS, U ACC [T, R] (sorted order; dS = dY·B_effᵀ and u = x·A_effᵀ, both unscaled); XA = x [T, DA], XB = dY
     [T, DB] (token order); PA ACC [B·R, DA] ← (scale ⊙ dS)ᵀ·x, PB ACC [B·R, DB] ← (scale ⊙ u)ᵀ·dY (per-sample
     partial rows); DVAL [B, r] ← beta_m · Σ_t dS ⊙ u (pool lanes, by the programs of column block 0).
-    TRAIN int8 [n] (HAS_TRAIN): a group of rank chunks whose lanes are all frozen or unwanted pool rows (and no
+    TRAIN bool [n] (HAS_TRAIN): a group of rank chunks whose lanes are all frozen or unwanted pool rows (and no
     wanted shared row) does no gradient work: its partial rows are never read by the reduction.
     Grid: (cdiv(R, NUM_RC·RC), cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N), B) or, without NEED_GRAD,
     (cdiv(R, NUM_RC·RC), 1, B).
@@ -293,7 +300,7 @@ def rank_grad_kernel(
     if NEED_VAL:
         if pid_n == 0:
             for c in tl.static_range(NUM_RC):
-                lanes, _, is_m, _, _ = rank_chunk(s, r0 + c * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+                lanes, _, is_m, _, _ = rank_chunk(s, r0 + c * RC, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s,
                                                   RC, ACC)
                 dv = tl.zeros([RC], dtype=ACC)
                 for m0 in range(0, count, BLOCK_M):
@@ -303,19 +310,21 @@ def rank_grad_kernel(
                     g = tl.load(DS + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
                     h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
                     dv += tl.sum(g * h, axis=0)
-                tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=is_m)
+                # every pool lane is stored: one outside the pool (is_m false) read nothing and stores its 0
+                in_r = (lanes >= n_s) & (lanes < n_s + r)
+                tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=in_r)
     if NEED_GRAD:
         keeps = 0
         for c in tl.static_range(NUM_RC):
-            keeps += chunk_keeps(s, r0 + c * RC, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL, NEED_SHARED, HAS_TRAIN,
+            keeps += chunk_keeps(s, r0 + c * RC, IDX, TRAIN, stride_idx, n, n_s, r, NEED_POOL, NEED_SHARED, HAS_TRAIN,
                                  RC)
         if keeps > 0:
             if pid_n < nblk_a:
-                rank_grad_block(DS, XA, PA, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r,
+                rank_grad_block(DS, XA, PA, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n, n_s, r,
                                 beta_m, beta_s, DA, R, stride_g, stride_xa, stride_pa,
                                 SORTED, BLOCK_M, BLOCK_N, RC, NUM_RC, ACC)
             else:
-                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r,
+                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, r0, start, count, TOK, IDX, VAL, stride_idx, n, n_s, r,
                                 beta_m, beta_s, DB, R, stride_g, stride_xb, stride_pb,
                                 SORTED, BLOCK_M, BLOCK_N, RC, NUM_RC, ACC)
 

@@ -15,8 +15,6 @@ memory they take.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -205,18 +203,6 @@ def _keeps_s(i: LinearInputs) -> bool:
     return not _empty(i) and forward_variant(i.x.shape[0], i.weight.shape[0], i.variant) == "extended"
 
 
-def _inside_pool(i: LinearInputs) -> tuple[LinearInputs, Tensor]:
-    """(``i`` with every idx outside [0, n) replaced by row 0 at val 0, the mask of the idx inside): the extended
-    path's kernels gather rows unmasked, so an out-of-range expert is neutralised here (it then adds exactly 0 to y
-    and to every row gradient; its dval is zeroed after the backward). The other paths mask in their kernels
-    (rank_rows) or match rows by value (decode), so nothing outside the pool is ever read. Two [B, r] elementwise
-    ops, no host sync."""
-    inside = (i.idx >= 0) & (i.idx < i.A_m.shape[0])
-    idx = torch.where(inside, i.idx, torch.zeros_like(i.idx))
-    val = torch.where(inside, i.val, torch.zeros_like(i.val))
-    return dataclasses.replace(i, idx=idx, val=val), inside
-
-
 def linear_saved_like(i: LinearInputs) -> list[Tensor]:
     """Empty tensors shaped like what :func:`linear_forward` saves for ``i`` (for fake/meta tracing)."""
     return prefill.linear_saved_like(i) if _keeps_s(i) else []
@@ -232,7 +218,7 @@ def linear_forward(i: LinearInputs) -> tuple[Tensor, list[Tensor]]:
         return base_linear(x, weight, bias), []
     variant = forward_variant(T, d_out, i.variant)
     if variant == "extended":
-        return prefill.linear_forward(_inside_pool(i)[0])
+        return prefill.linear_forward(i)
     if variant == "decode":
         return decode.decode_forward(x, weight, bias, i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.beta_m, i.beta_s,
                                      i.sample_of_token), []
@@ -271,11 +257,7 @@ def linear_backward(grad: Tensor, i: LinearInputs, saved: list[Tensor], needs: L
     backward starts from the S its forward saved (recomputed once when ``saved`` is empty, e.g. after the one-pass
     forward); the other paths recompute what they need."""
     if _keeps_s(i):
-        safe, inside = _inside_pool(i)
-        grads = prefill.linear_backward(grad, safe, saved, needs)
-        if grads.val is not None:
-            grads.val = torch.where(inside, grads.val, torch.zeros_like(grads.val))
-        return grads
+        return prefill.linear_backward(grad, i, saved, needs)
     x, weight, A_m, B_m, A_s, B_s, idx, val = i.x, i.weight, i.A_m, i.B_m, i.A_s, i.B_s, i.idx, i.val
     T, d_out = x.shape[0], weight.shape[0]
     B, r = idx.shape

@@ -9,6 +9,8 @@ Reference semantics: :mod:`pclr.backends.reference` (``_forward``, ``_backward``
   with W's strides swapped), dA_eff / dB_eff / dval in one launch of per-sample partial rows, then one fixed-order
   row reduction that writes dA_m, dB_m, dA_s, dB_s in their own dtype (zeros on frozen and unchosen rows). Always
   deterministic: the reduction order depends on idx only, never on scheduling.
+* An idx outside [0, n) is masked inside every kernel (no row outside the pool is read or written): that expert adds
+  nothing to y, nothing to any row gradient, and its dval is exactly 0, with no torch op over idx per call.
 * Segment metadata: the tile map of a padded batch [B, L] depends on (B, L) only and is built once per shape (no
   sort, ``sample_of_token`` never read); a packed batch's map is cached on the ``sample_of_token`` tensor, so every
   linear of a forward (and its backward) reuses it.
@@ -195,7 +197,7 @@ def _tile_args(tiles: Tiles) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: Tiles, R: int) -> Tensor:
     """U = X·Down_effᵀ per sample, unscaled: ACC [T, R] in sorted token order.
 
-    X [T, K]; Ds [n_s, K] | None; Dm [n, K]; idx int32 [B, r].
+    X [T, K]; Ds [n_s, K] | None; Dm [n, K]; idx int32 [B, r] (an idx outside [0, n) gives a zero column).
     """
     T, K = X.shape
     n_s = 0 if Ds is None else Ds.shape[0]
@@ -212,7 +214,7 @@ def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: 
     part = u if splits == 1 else torch.empty((splits, T, R), dtype=acc_t, device=X.device)
     kernels.shrink_kernel[(tiles.num_tiles, r_chunks, splits)](
         X, _rows(Ds, Dm), Dm, idx, part, *_tile_args(tiles),
-        K, R, n_s, idx.shape[1], per,
+        K, R, Dm.shape[0], n_s, idx.shape[1], per,
         X.stride(0), Dm.stride(0), idx.stride(0), T * R, R,
         SORTED=tiles.tok is not None, BLOCK_M=tiles.block_m, RC=rc, BLOCK_K=cfg.block_k, ACC=acc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -231,7 +233,7 @@ def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, in
     """out = [X | scale ⊙ U]·[W | Up_eff]ᵀ + bias, per sample.
 
     out [T, N]; X [T, K]; W viewed [N, K] with strides ``w_strides``; bias [N] | None; U ACC [T, R] (sorted order,
-    unscaled); Us [n_s, N] | None, Um [n, N]; idx int32 [B, r]; val [B, r].
+    unscaled); Us [n_s, N] | None, Um [n, N]; idx int32 [B, r] (an idx outside [0, n) adds nothing); val [B, r].
     """
     T, K = X.shape
     N = out.shape[1]
@@ -243,7 +245,7 @@ def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, in
     grid = (tiles.num_tiles * triton.cdiv(N, cfg.block_n),)
     kernels.kext_gemm_kernel[grid](
         X, W, bias if bias is not None else out, out, U, _rows(Us, Um), Um, idx, val, *_tile_args(tiles),
-        tiles.num_tiles, K, N, R, n_s, idx.shape[1],
+        tiles.num_tiles, K, N, R, Um.shape[0], n_s, idx.shape[1],
         X.stride(0), w_strides[0], w_strides[1], out.stride(0), U.stride(0), Um.stride(0), idx.stride(0),
         float(beta_m), float(beta_s),
         HAS_BIAS=bias is not None, SORTED=tiles.tok is not None, GROUP_M=GROUP_M,
@@ -273,12 +275,12 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
     pa = torch.empty((B * R, d_in), dtype=acc_t, device=x.device) if need_grad else dS
     pb = torch.empty((B * R, d_out), dtype=acc_t, device=x.device) if need_grad else dS
     tok = tiles.tok if tiles.tok is not None else tiles.seg_start
-    train = None if trainable is None or out_pool is None else trainable.to(torch.int8)
+    train = None if trainable is None or out_pool is None else trainable  # bool, read as is (no cast per call)
     num_rc = min(MAX_RANK_CHUNKS, -(-R // rc))
     grid = (-(-R // (rc * num_rc)), nblk_a + nblk_b if need_grad else 1, B)
     kernels.rank_grad_kernel[grid](
         dS, u, x, grad, pa, pb, dval if dval is not None else dS, idx, val, train if train is not None else idx, tok,
-        tiles.seg_start, tiles.seg_count, d_in, d_out, R, n_s, r, nblk_a,
+        tiles.seg_start, tiles.seg_count, d_in, d_out, R, n, n_s, r, nblk_a,
         dS.stride(0), x.stride(0), grad.stride(0), pa.stride(0), pb.stride(0),
         dval.stride(0) if dval is not None else 0, idx.stride(0), float(beta_m), float(beta_s),
         NEED_POOL=out_pool is not None, NEED_SHARED=out_shared is not None, HAS_TRAIN=train is not None,

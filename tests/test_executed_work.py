@@ -94,14 +94,17 @@ def _split_counts(wc: WorkCounter) -> tuple[dict[str, int], dict[str, int]]:
             {k: v for k, v in by.items() if k.startswith("torch.")})
 
 
-def test_packed_extended_path_launches_only_triton_kernels() -> None:
-    """A packed batch's segment map is cached on sample_of_token and the reduction plan of the backward on idx, and
-    an idx outside the pool is masked inside the kernels: once the caches are warm, the extended forward launches
-    the shrink (its split-K sum when the grid is short) and the K-extended GEMM, and the backward the dS shrink, the
-    dX GEMM, the rank-gradient kernel and the row reduction; no torch op runs in either, only allocations."""
+@pytest.mark.parametrize("padded", [False, True])
+def test_extended_path_launches_only_triton_kernels(padded: bool) -> None:
+    """A packed batch's segment map is cached on sample_of_token, a padded batch's sample_of_token and tile map on
+    its shape, the reduction plan of the backward on idx, and an idx outside the pool is masked inside the kernels:
+    once the caches are warm, the extended forward launches the shrink (its split-K sum when the grid is short) and
+    the K-extended GEMM, and the backward the dS shrink, the dX GEMM, the rank-gradient kernel and the row
+    reduction; no torch op runs in either (no arange / repeat_interleave / sort for metadata), only allocations."""
     g = torch.Generator().manual_seed(0)
     T, d, n, r, n_s, B = 256, 64, 16, 6, 2, 4
-    x = torch.randn(T, d, generator=g).requires_grad_()
+    x = torch.randn(T, d, generator=g)
+    x = (x.reshape(B, T // B, d) if padded else x).requires_grad_()
     w = torch.randn(d, d, generator=g)
     A_m, B_m = torch.randn(n, d, generator=g).requires_grad_(), torch.randn(n, d, generator=g).requires_grad_()
     A_s, B_s = torch.randn(n_s, d, generator=g).requires_grad_(), torch.randn(n_s, d, generator=g).requires_grad_()
@@ -113,7 +116,7 @@ def test_packed_extended_path_launches_only_triton_kernels() -> None:
     leaves = (x, A_m, B_m, A_s, B_s, val)
 
     def call() -> torch.Tensor:
-        return lrp_linear(x, w, None, A_m, B_m, idx, val, A_s=A_s, B_s=B_s, sample_of_token=sot,
+        return lrp_linear(x, w, None, A_m, B_m, idx, val, A_s=A_s, B_s=B_s, sample_of_token=None if padded else sot,
                           trainable=trainable, backend="triton", variant="auto")
 
     y = call()  # builds and caches the segment map and the reduction plan

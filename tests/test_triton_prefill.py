@@ -14,6 +14,7 @@ from pclr import dispatch
 from pclr.backends import reference
 from pclr.backends.base import LinearInputs, LinearNeeds
 from pclr.bench.work import WorkCounter
+from pclr.padded_batch import padded_sample_of_token
 
 prefill = pytest.importorskip("pclr.backends.triton.prefill")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
@@ -197,8 +198,9 @@ def test_padded_tile_map_built_once_per_shape():
     b = a.clone()  # a fresh sample_of_token per call (what a 3-D x gets) must still hit
     assert prefill.segment_map(a, 3, 70, 64) is prefill.segment_map(b, 3, 70, 64)
     assert prefill.segment_map(a, 3, 70, 64).tok is None  # padded: no sort
-    sot = prefill.padded_sample_of_token(3, 70, a.device)
-    assert sot is prefill.padded_sample_of_token(3, 70, a.device) and torch.equal(sot, a)
+    sot = padded_sample_of_token(3, 70, a.device)
+    assert sot is padded_sample_of_token(3, 70, a.device) and torch.equal(sot, a)
+    assert padded_sample_of_token(3, 71, a.device) is not sot
 
 
 def test_executed_flops_at_the_floor():

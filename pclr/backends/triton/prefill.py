@@ -135,23 +135,6 @@ def segment_map(sot: Tensor, num_samples: int, padded_len: int, block_m: int) ->
     return tiles
 
 
-_PADDED_SOT: dict = {}
-
-
-def padded_sample_of_token(num_samples: int, padded_len: int, device: torch.device) -> Tensor:
-    """int32 [B·L] = arange(B).repeat_interleave(L), one tensor per (B, L, device): a padded x [B, L, d] gets the
-    same ``sample_of_token`` object on every linear call (no per-call allocation, and identity caches keep hitting)."""
-    key = (num_samples, padded_len, torch.device(device))
-    hit = _PADDED_SOT.get(key)
-    if hit is None:
-        hit = torch.arange(num_samples, device=device, dtype=torch.int32).repeat_interleave(padded_len)
-        if not (hit.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if len(_PADDED_SOT) >= 16:
-                _PADDED_SOT.clear()
-            _PADDED_SOT[key] = hit
-    return hit
-
-
 _TARGETS: dict = {}
 
 

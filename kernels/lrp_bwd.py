@@ -102,19 +102,20 @@ def segment_reduce_kernel(
 def segment_dval_kernel(
     G, H, DVAL, SEG_START, SEG_COUNT,
     n_s, r, stride_g, stride_dval, beta_m,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """DVAL[s, i] = beta_m · Σ_{t in sample s} G[t, n_s + i]·H[t, n_s + i]  (G = dS, H = u, sorted order).
 
-    Grid: (B,).
+    BLOCK_T tokens per step: the two [BLOCK_T, BLOCK_R] tiles live in registers together, so a token step as wide
+    as a GEMM tile (128 × 128 fp32, twice) would not fit and spill. Grid: (B,).
     """
     s = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
     acc = tl.zeros([BLOCK_R], dtype=ACC)
-    for m0 in range(0, count, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+    for m0 in range(0, count, BLOCK_T):
+        offs_m = m0 + tl.arange(0, BLOCK_T)
         mask = (offs_m < count)[:, None]
         pos = start + offs_m
         g = tl.load(G + pos[:, None] * stride_g + offs_r[None, :], mask=mask, other=0.0)

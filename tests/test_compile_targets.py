@@ -54,8 +54,6 @@ KNOWN_VIOLATIONS: dict[str, tuple[tuple[int, ...], str]] = {
                                  "[128, 64] accumulator and the [128, 128] S tile; 8 warps and 64 columns still spill "
                                  "a few hundred bytes"),
     "lrp_one_pass": ((80,), "as lrp_expand[fused], plus the gate prologue's key tile"),
-    "segment_dval": ((90, 80), "launch_dval runs it at 4 warps with [BLOCK_M, BLOCK_R] = [128, 128] fp32 tiles of "
-                               "dS and u (256 registers per thread); it needs 8 warps or a 32-token step"),
 }
 
 # What the JIT specializes at a real launch at the target point: pointers and ints divisible by 16 carry that hint
@@ -110,7 +108,7 @@ def registry() -> list[Entry]:
     """Every Triton kernel launch of pclr at the target point (bf16 data, fp32 accumulation)."""
     import triton.language as tl
 
-    from pclr.backends.triton import prefill
+    from pclr.backends.triton import linear, prefill
     from pclr.backends.triton.decode import decode_config
 
     t = TARGET
@@ -212,7 +210,7 @@ def registry() -> list[Entry]:
     out.append(Entry(
         "segment_dval", "lrp_bwd", "segment_dval_kernel", "comparison",
         {"G": "*fp32", "H": "*fp32", "DVAL": "*fp32", "SEG_START": "*i32", "SEG_COUNT": "*i32"},
-        {"ACC": f32}, [({"BLOCK_M": bm, "BLOCK_R": br}, 4, 3)], floats=("beta_m",)))
+        {"ACC": f32}, [({"BLOCK_T": linear.DVAL_TOKENS, "BLOCK_R": br}, 4, 3)], floats=("beta_m",)))
 
     # --- one-pass gate + LRP (launch_one_pass: the "expand" autotune list; BLOCK_D 64 up to n = 1024) -------------
     out.append(Entry(

@@ -46,6 +46,8 @@ from pclr.options import (
     check_choice,
 )
 
+DVAL_TOKENS = 32  # tokens per step of segment_dval_kernel: two [32, BLOCK_R ≤ 128] fp32 tiles fit without spills
+
 
 def forward_variant(T: int, d_out: int, requested: ForwardVariant) -> str:
     """The forward path that runs: ``requested`` unless it is "auto", which picks by shape.
@@ -185,7 +187,7 @@ def launch_dval(dS: Tensor, u: Tensor, tiles: Tiles, B: int, n_s: int, r: int, b
     if B:
         bwd_kernels.segment_dval_kernel[(B,)](
             dS, u, dval, tiles.seg_start, tiles.seg_count, n_s, r, dS.stride(0), dval.stride(0), float(beta_m),
-            BLOCK_M=tiles.block_m, BLOCK_R=dS.shape[1], ACC=acc,
+            BLOCK_T=DVAL_TOKENS, BLOCK_R=dS.shape[1], ACC=acc,
         )
     return dval
 

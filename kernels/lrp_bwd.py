@@ -107,7 +107,7 @@ def segment_dval_kernel(
     count = tl.load(SEG_COUNT + s)
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for m0 in range(0, count, BLOCK_T):
-        pos, _, mask_m = segment_step(m0, start, count, SEG_START, False, BLOCK_T)  # positions only: no token map
+        pos, _tok, mask_m = segment_step(m0, start, count, SEG_START, False, BLOCK_T)  # positions only
         mask = mask_m[:, None]
         g = tl.load(G + pos[:, None] * stride_g + offs_r[None, :], mask=mask, other=0.0)
         h = tl.load(H + pos[:, None] * stride_g + offs_r[None, :], mask=mask, other=0.0)

@@ -241,10 +241,11 @@ def rank_grad_kernel(
                                                   RC, ACC)
                 dv = tl.zeros([RC], dtype=ACC)
                 for m0 in range(0, count, BLOCK_M):
-                    pos, _, mask_m = segment_step(m0, start, count, TOK, False, BLOCK_M)
+                    pos, _tok, mask_m = segment_step(m0, start, count, TOK, False, BLOCK_M)
+                    rows = pos[:, None].to(tl.int64) * stride_g + lanes[None, :]
                     mask = mask_m[:, None] & is_m[None, :]
-                    g = tl.load(DS + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
-                    h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
+                    g = tl.load(DS + rows, mask=mask, other=0.0)
+                    h = tl.load(U + rows, mask=mask, other=0.0)
                     dv += tl.sum(g * h, axis=0)
                 # every pool lane is stored: one outside the pool (is_m false) read nothing and stores its 0
                 in_r = (lanes >= n_s) & (lanes < n_s + r)

@@ -18,29 +18,39 @@ import triton.language as tl
 
 @triton.jit
 def segment_step(m0, start, count, TOK, SORTED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Positions m0 .. m0 + BLOCK_M of the segment [start, start + count): (sorted positions int64, token rows
-    int64, mask)."""
+    """Positions m0 .. m0 + BLOCK_M of the segment [start, start + count): (sorted positions int32, token rows
+    int64, mask).
+
+    Positions stay int32 (T < 2^31) so the tile's position vector costs one register per element; whoever scales
+    them by a row stride widens them first.
+    """
     offs = m0 + tl.arange(0, BLOCK_M)
     mask = offs < count
-    pos = (start + offs).to(tl.int64)
+    pos = start + offs
+    return pos, token_rows(TOK, pos, mask, SORTED), mask
+
+
+@triton.jit
+def token_rows(TOK, pos, mask, SORTED: tl.constexpr):
+    """Token rows (int64) of sorted positions ``pos``: TOK[pos] when the batch was re-sorted, else pos itself."""
     if SORTED:
-        tok = tl.load(TOK + pos, mask=mask, other=0).to(tl.int64)
+        return tl.load(TOK + pos, mask=mask, other=0).to(tl.int64)
     else:
-        tok = pos
-    return pos, tok, mask
+        return pos.to(tl.int64)
 
 
 @triton.jit
 def tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Tile ``pid_m`` of the tile map: (sample, sorted positions int64, token rows int64, row mask, non-empty).
+    """Tile ``pid_m`` of the tile map: (sample, sorted positions int32, token rows int64, row mask, non-empty).
 
     Unused tile slots (the map is sized by shapes, not by data) have start == end.
     """
     s = tl.load(TILE_SAMPLE + pid_m)
     start = tl.load(TILE_START + pid_m)
     end = tl.load(TILE_END + pid_m)
-    pos, tok, mask = segment_step(0, start, end - start, TOK, SORTED, BLOCK_M)
-    return s, pos, tok, mask, start < end
+    pos = start + tl.arange(0, BLOCK_M)
+    mask = pos < end
+    return s, pos, token_rows(TOK, pos, mask, SORTED), mask, start < end
 
 
 @triton.jit
@@ -87,8 +97,8 @@ def gather_rows_t(RS, RM, lanes, row, is_s, is_m, stride, offs_c, mask_c):
 @triton.jit
 def scaled_cols(G, pos, mask_m, lanes, scale, R, stride_g):
     """(scale ⊙ G)[pos, lanes]: [len(pos), len(lanes)] in G's dtype (0 on rows outside mask_m and lanes ≥ R)."""
-    g = tl.load(G + pos[:, None] * stride_g + lanes[None, :], mask=mask_m[:, None] & (lanes < R)[None, :],
-                other=0.0)
+    g = tl.load(G + pos[:, None].to(tl.int64) * stride_g + lanes[None, :],
+                mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
     return g * scale[None, :]
 
 

@@ -15,7 +15,7 @@ fixed order by :func:`segment_reduce_kernel` (bit-identical across runs).
 import triton
 import triton.language as tl
 
-from pclr.kernels.lrp_fwd import rank_rows
+from pclr.kernels.rank_tiles import rank_rows, scaled_cols, segment_step, token_cols
 
 
 @triton.jit
@@ -45,17 +45,9 @@ def pool_grad_kernel(
     count = tl.load(SEG_COUNT + s)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=ACC)
     for m0 in range(0, count, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        pos = start + offs_m
-        if SORTED:
-            tok = tl.load(TOK + pos, mask=mask_m, other=0).to(tl.int64)
-        else:
-            tok = pos.to(tl.int64)
-        g = tl.load(G + pos[:, None] * stride_g + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-        x = tl.load(X + tok[:, None] * stride_x + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                    other=0.0)
-        g = (g * scale[None, :]).to(x.dtype)
+        pos, tok, mask_m = segment_step(m0, start, count, TOK, SORTED, BLOCK_M)
+        x, _, _ = token_cols(X, tok, mask_m, pid_n * BLOCK_N, D, stride_x, BLOCK_N)
+        g = scaled_cols(G, pos, mask_m, offs_r, scale, BLOCK_R, stride_g).to(x.dtype)
         acc = tl.dot(tl.trans(g), x, acc=acc, input_precision="ieee")
     if ATOMIC:
         if NEED_POOL:
@@ -102,21 +94,21 @@ def segment_reduce_kernel(
 def segment_dval_kernel(
     G, H, DVAL, SEG_START, SEG_COUNT,
     n_s, r, stride_g, stride_dval, beta_m,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """DVAL[s, i] = beta_m · Σ_{t in sample s} G[t, n_s + i]·H[t, n_s + i]  (G = dS, H = u, sorted order).
 
-    Grid: (B,).
+    BLOCK_T tokens per step: the two [BLOCK_T, BLOCK_R] tiles live in registers together, so a token step as wide
+    as a GEMM tile (128 × 128 fp32, twice) would not fit and spill. Grid: (B,).
     """
     s = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     start = tl.load(SEG_START + s)
     count = tl.load(SEG_COUNT + s)
     acc = tl.zeros([BLOCK_R], dtype=ACC)
-    for m0 in range(0, count, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask = (offs_m < count)[:, None]
-        pos = start + offs_m
+    for m0 in range(0, count, BLOCK_T):
+        pos, _tok, mask_m = segment_step(m0, start, count, SEG_START, False, BLOCK_T)  # positions only
+        mask = mask_m[:, None]
         g = tl.load(G + pos[:, None] * stride_g + offs_r[None, :], mask=mask, other=0.0)
         h = tl.load(H + pos[:, None] * stride_g + offs_r[None, :], mask=mask, other=0.0)
         acc += tl.sum(g * h, axis=0)

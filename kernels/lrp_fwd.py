@@ -9,16 +9,17 @@ Notation (per sample s, R = n_s + r active ranks, shared rows first)::
 The forward is X = x, W = weight, Down = A, Up = B. The dX pass of the backward has exactly the same shape with
 X = dY, W = weightᵀ (strides swapped), Down = B, Up = A, so :func:`lrp_expand_kernel` serves both.
 
-Rows are gathered from base pointers + row indices (never arrays of pointers); the shared and the pool rows come
-from two masked loads added together, so one [R, ·] tile feeds one ``tl.dot``. Each program owns a tile of tokens of
-ONE sample (the launcher sorts tokens by sample, like punica's token→adapter mapping), so the R gathered rows are
-the same for every token of the tile and the low-rank product is a dense GEMM on tensor cores.
+Rank rows are gathered by the helpers of :mod:`pclr.kernels.rank_tiles` (one [R, ·] tile feeds one ``tl.dot``;
+a pool idx outside [0, n) reads nothing and adds nothing). Each program owns a tile of tokens of ONE sample (the
+launcher sorts tokens by sample, like punica's token→adapter mapping), so the R gathered rows are the same for
+every token of the tile and the low-rank product is a dense GEMM on tensor cores.
 """
 import triton
 import triton.language as tl
 
 from pclr.kernels.gate import sample_gate
 from pclr.kernels.phases import phase_end, phase_publish, phase_wait
+from pclr.kernels.rank_tiles import gather_rows, gather_rows_t, rank_rows, shrink_range, tile_of, token_cols
 
 
 @triton.jit
@@ -45,51 +46,8 @@ def tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SOT, T,
         mask = tl.load(SOT + offs, mask=offs < T, other=-1) == s
         tok = offs.to(tl.int64)
     else:
-        s = tl.load(TILE_SAMPLE + pid_m)
-        pos = tl.load(TILE_START + pid_m) + offs
-        mask = pos < tl.load(TILE_END + pid_m)
-        if SORTED:
-            tok = tl.load(TOK + pos, mask=mask, other=0).to(tl.int64)
-        else:
-            tok = pos.to(tl.int64)
+        s, pos, tok, mask, _ = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
     return s, pos, tok, mask
-
-
-@triton.jit
-def rank_rows(s, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
-    """Sample s's active ranks: lane k < n_s is shared row k, lane n_s + i is pool row idx[s, i].
-
-    Returns offs_r [BLOCK_R], is_shared, is_pool (masks), pool row (int64, 0 where unused), scale (ACC, 0 where
-    unused: lanes past R contribute nothing). An idx outside [0, n) is an unused lane too: every gather of the
-    pool is masked by is_pool, so such an expert contributes nothing (as if dropped) and no row outside the pool
-    is ever read or written, with or without validation.
-    """
-    offs_r = tl.arange(0, BLOCK_R)
-    is_s = offs_r < n_s
-    is_m = (offs_r >= n_s) & (offs_r < n_s + r)
-    i = offs_r - n_s
-    row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
-    is_m = is_m & (row >= 0) & (row < n)
-    row = tl.where(is_m, row, 0)
-    v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(ACC)
-    scale = tl.where(is_s, beta_s, v * beta_m).to(ACC)
-    return offs_r, is_s, is_m, row, scale
-
-
-@triton.jit
-def load_ranks_t(RS, RM, offs_r, row, is_s, is_m, stride, offs_c, mask_c):
-    """Gathered rank rows, transposed: [len(offs_c), BLOCK_R] = (Rows_eff[:, offs_c])ᵀ."""
-    a = tl.load(RS + offs_r[None, :] * stride + offs_c[:, None], mask=is_s[None, :] & mask_c[:, None], other=0.0)
-    b = tl.load(RM + row[None, :] * stride + offs_c[:, None], mask=is_m[None, :] & mask_c[:, None], other=0.0)
-    return a + b
-
-
-@triton.jit
-def load_ranks(RS, RM, offs_r, row, is_s, is_m, stride, offs_c, mask_c):
-    """Gathered rank rows: [BLOCK_R, len(offs_c)] = Rows_eff[:, offs_c]."""
-    a = tl.load(RS + offs_r[:, None] * stride + offs_c[None, :], mask=is_s[:, None] & mask_c[None, :], other=0.0)
-    b = tl.load(RM + row[:, None] * stride + offs_c[None, :], mask=is_m[:, None] & mask_c[None, :], other=0.0)
-    return a + b
 
 
 @triton.jit
@@ -108,22 +66,19 @@ def gated_tile(
     sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
     if K_LOOP:
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
+            x, offs_k, mask_k = token_cols(X, tok, mask_m, k0, K, stride_x, BLOCK_K)
             if HAS_BASE:
                 w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                             mask=mask_n[None, :] & mask_k[:, None], other=0.0)
                 acc = tl.dot(x, w, acc=acc, input_precision="ieee")
             if not S_FROM_BUF:
-                d = load_ranks_t(DS, DM, offs_r, row, is_s, is_m, stride_d, offs_k, mask_k)
+                d = gather_rows_t(DS, DM, offs_r, row, is_s, is_m, stride_d, offs_k, mask_k)
                 sa = tl.dot(x, d, acc=sa, input_precision="ieee")
     if S_FROM_BUF:
         sa = tl.load(SBUF + pos[:, None] * stride_sbuf + offs_r[None, :], mask=mask_m[:, None], other=0.0)
     # fold gate value and beta into the small [tile, R] intermediate, never into the weights
     sa = sa * scale[None, :]
-    up = load_ranks(US, UM, offs_r, row, is_s, is_m, stride_u, offs_n, mask_n)
+    up = gather_rows(US, UM, offs_r, row, is_s, is_m, stride_u, offs_n, mask_n)
     acc = tl.dot(sa.to(up.dtype), up, acc=acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
@@ -188,14 +143,8 @@ def lrp_shrink_kernel(
     s, pos, tok, mask_m = tile_tokens(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, TILE_START, T,
                                       SORTED, False, BLOCK_M)
     offs_r, is_s, is_m, row, _scale = rank_rows(s, IDX, IDX, stride_idx, n, n_s, r, 1.0, 1.0, BLOCK_R, ACC)
-    sa = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        d = load_ranks_t(DS, DM, offs_r, row, is_s, is_m, stride_d, offs_k, mask_k)
-        sa = tl.dot(x, d, acc=sa, input_precision="ieee")
+    sa = shrink_range(tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC), X, DS, DM, tok, mask_m, offs_r, row, is_s, is_m, 0, K,
+                      stride_x, stride_d, BLOCK_K)
     tl.store(SBUF + pos[:, None] * stride_sbuf + offs_r[None, :], sa, mask=mask_m[:, None])
 
 

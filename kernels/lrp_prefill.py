@@ -26,62 +26,28 @@ dA_eff / dB_eff are per-sample partial rows; :func:`rows_reduce_kernel` sums the
 fixed order (bit-identical across runs) and writes the final dtype directly, zeros on rows nobody trained.
 
 Ranks are processed in chunks of RC lanes (16 or 32, whichever wastes fewer lanes on R): lane k of chunk c is rank
-c·RC + k; rank k < n_s is shared row k, rank n_s + i is pool row idx[s, i], ranks ≥ R are masked (scale 0). Rows
-are gathered from base pointers + row indices (never arrays of pointers); shared and pool rows come from two masked
-loads added together, so one [RC, ·] tile feeds one ``tl.dot``.
+c·RC + k; rank k < n_s is shared row k, rank n_s + i is pool row idx[s, i], ranks ≥ R and pool ranks whose idx
+lies outside [0, n) are masked (scale 0, no row read). The token tiles, rank chunks and row gathers are the helpers
+of :mod:`pclr.kernels.rank_tiles`, shared with the comparison kernels.
 """
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Tile ``pid_m`` of the tile map: (sample, sorted positions, token rows int64, row mask, non-empty)."""
-    s = tl.load(TILE_SAMPLE + pid_m)
-    start = tl.load(TILE_START + pid_m)
-    end = tl.load(TILE_END + pid_m)
-    pos = start + tl.arange(0, BLOCK_M)
-    mask = pos < end
-    if SORTED:
-        tok = tl.load(TOK + pos, mask=mask, other=0).to(tl.int64)
-    else:
-        tok = pos.to(tl.int64)
-    return s, pos, tok, mask, start < end
-
-
-@triton.jit
-def rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC: tl.constexpr, ACC: tl.constexpr):
-    """Ranks r0 .. r0 + RC of sample s: (lanes, is_shared, is_pool, pool row int64 (0 unused), scale (0 unused))."""
-    lanes = r0 + tl.arange(0, RC)
-    is_s = lanes < n_s
-    is_m = (lanes >= n_s) & (lanes < n_s + r)
-    i = lanes - n_s
-    row = tl.load(IDX + s * stride_idx + i, mask=is_m, other=0).to(tl.int64)
-    v = tl.load(VAL + s * stride_idx + i, mask=is_m, other=0.0).to(ACC)
-    scale = tl.where(is_s, beta_s, v * beta_m).to(ACC)
-    return lanes, is_s, is_m, row, scale
-
-
-@triton.jit
-def gather_rows_t(RS, RM, lanes, row, is_s, is_m, stride, offs_c, mask_c):
-    """Rank rows, transposed: [len(offs_c), RC] = (Rows_eff[lanes, offs_c])ᵀ."""
-    a = tl.load(RS + lanes[None, :] * stride + offs_c[:, None], mask=is_s[None, :] & mask_c[:, None], other=0.0)
-    b = tl.load(RM + row[None, :] * stride + offs_c[:, None], mask=is_m[None, :] & mask_c[:, None], other=0.0)
-    return a + b
-
-
-@triton.jit
-def gather_rows(RS, RM, lanes, row, is_s, is_m, stride, offs_c, mask_c):
-    """Rank rows: [RC, len(offs_c)] = Rows_eff[lanes, offs_c]."""
-    a = tl.load(RS + lanes[:, None] * stride + offs_c[None, :], mask=is_s[:, None] & mask_c[None, :], other=0.0)
-    b = tl.load(RM + row[:, None] * stride + offs_c[None, :], mask=is_m[:, None] & mask_c[None, :], other=0.0)
-    return a + b
+from pclr.kernels.rank_tiles import (
+    gather_rows,
+    rank_chunk,
+    scaled_cols,
+    segment_step,
+    shrink_range,
+    tile_of,
+    token_cols,
+)
 
 
 @triton.jit
 def shrink_kernel(
     X, DS, DM, IDX, U, TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    K, R, n_s, r, k_per_split,
+    K, R, n, n_s, r, k_per_split,
     stride_x, stride_d, stride_idx, stride_split, stride_u,
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, RC: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -96,17 +62,11 @@ def shrink_kernel(
     pid_k = tl.program_id(2)
     s, pos, tok, mask_m, live = tile_of(pid_m, TOK, TILE_SAMPLE, TILE_START, TILE_END, SORTED, BLOCK_M)
     if live:
-        lanes, is_s, is_m, row, _ = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, ACC)
+        lanes, is_s, is_m, row, _ = rank_chunk(s, pid_r * RC, IDX, IDX, stride_idx, n, n_s, r, 1.0, 1.0, RC, ACC)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
-        acc = tl.zeros([BLOCK_M, RC], dtype=ACC)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_hi
-            x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
-            d = gather_rows_t(DS, DM, lanes, row, is_s, is_m, stride_d, offs_k, mask_k)
-            acc = tl.dot(x, d, acc=acc, input_precision="ieee")
+        acc = shrink_range(tl.zeros([BLOCK_M, RC], dtype=ACC), X, DS, DM, tok, mask_m, lanes, row, is_s, is_m,
+                           k_lo, k_hi, stride_x, stride_d, BLOCK_K)
         ptrs = U + pid_k.to(tl.int64) * stride_split + pos[:, None].to(tl.int64) * stride_u + lanes[None, :]
         tl.store(ptrs, acc, mask=mask_m[:, None] & (lanes < R)[None, :])
 
@@ -130,7 +90,7 @@ def split_sum_kernel(P, U, numel, splits, stride_split, BLOCK: tl.constexpr, ACC
 @triton.jit
 def kext_gemm_kernel(
     X, W, BIAS, OUT, U, US, UM, IDX, VAL, TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    num_tiles, K, N, R, n_s, r,
+    num_tiles, K, N, R, n, n_s, r,
     stride_x, stride_wn, stride_wk, stride_out, stride_u, stride_up, stride_idx,
     beta_m, beta_s,
     HAS_BIAS: tl.constexpr, SORTED: tl.constexpr, GROUP_M: tl.constexpr,
@@ -157,21 +117,17 @@ def kext_gemm_kernel(
         mask_n = offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(X + tok[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
+            x, offs_k, mask_k = token_cols(X, tok, mask_m, k0, K, stride_x, BLOCK_K)
             w = tl.load(W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                         mask=mask_n[None, :] & mask_k[:, None], other=0.0)
             acc = tl.dot(x, w, acc=acc, input_precision="ieee")
         for r0 in range(0, R, RC):
-            lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+            lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, RC,
                                                        ACC)
-            u = tl.load(U + pos[:, None].to(tl.int64) * stride_u + lanes[None, :],
-                        mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
-            up = gather_rows(US, UM, lanes, row, is_s, is_m, stride_up, offs_n, mask_n)
             # gate value and beta fold into the small [tile, R] operand, never into the weights
-            acc = tl.dot((u * scale[None, :]).to(up.dtype), up, acc=acc, input_precision="ieee")
+            su = scaled_cols(U, pos, mask_m, lanes, scale, R, stride_u)
+            up = gather_rows(US, UM, lanes, row, is_s, is_m, stride_up, offs_n, mask_n)
+            acc = tl.dot(su.to(up.dtype), up, acc=acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
         tl.store(OUT + tok[:, None] * stride_out + offs_n[None, :], acc.to(OUT.dtype.element_ty),
@@ -179,13 +135,12 @@ def kext_gemm_kernel(
 
 
 @triton.jit
-def scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R, stride_g,
-                     RC: tl.constexpr, ACC: tl.constexpr):
-    """(scale ⊙ G)[pos, r0 .. r0 + RC] in ACC ([BLOCK_M, RC]; lanes ≥ R are 0) and the lanes."""
-    lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC, ACC)
-    g = tl.load(G + pos[:, None].to(tl.int64) * stride_g + lanes[None, :],
-                mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)
-    return g * scale[None, :], lanes
+def chunk_grad(acc, xt, G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, R, stride_g,
+               RC: tl.constexpr, ACC: tl.constexpr):
+    """acc [BLOCK_N, RC] + Xᵀ·(scale ⊙ G)[pos, r0 .. r0 + RC]: one rank chunk's share of a token step (xt = Xᵀ)."""
+    lanes, _, _, _, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, RC, ACC)
+    g = scaled_cols(G, pos, mask_m, lanes, scale, R, stride_g)
+    return tl.dot(xt, g.to(xt.dtype), acc=acc, input_precision="ieee")
 
 
 @triton.jit
@@ -196,7 +151,7 @@ def store_partial(P, acc, s, lanes, R, offs_n, mask_n, stride_p):
 
 @triton.jit
 def rank_grad_block(
-    G, X, P, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, D, R,
+    G, X, P, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, D, R,
     stride_g, stride_x, stride_p,
     SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RC: tl.constexpr,
     NUM_RC: tl.constexpr, ACC: tl.constexpr,
@@ -207,38 +162,27 @@ def rank_grad_block(
     never a padded 128). Accumulated transposed, [BLOCK_N, RC], so the MMA's M dimension is the wide column
     block, not the few ranks.
     """
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < D
     acc0 = tl.zeros([BLOCK_N, RC], dtype=ACC)
     acc1 = tl.zeros([BLOCK_N, RC], dtype=ACC)
     acc2 = tl.zeros([BLOCK_N, RC], dtype=ACC)
     acc3 = tl.zeros([BLOCK_N, RC], dtype=ACC)
     for m0 in range(0, count, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
-        pos = start + offs_m
-        if SORTED:
-            tok = tl.load(TOK + pos, mask=mask_m, other=0).to(tl.int64)
-        else:
-            tok = pos.to(tl.int64)
-        x = tl.load(X + tok[:, None] * stride_x + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                    other=0.0)
+        pos, tok, mask_m = segment_step(m0, start, count, TOK, SORTED, BLOCK_M)
+        x, _, _ = token_cols(X, tok, mask_m, pid_n * BLOCK_N, D, stride_x, BLOCK_N)
         xt = tl.trans(x)
-        g, _ = scaled_rank_cols(G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R,
-                                stride_g, RC, ACC)
-        acc0 = tl.dot(xt, g.to(x.dtype), acc=acc0, input_precision="ieee")
+        acc0 = chunk_grad(acc0, xt, G, pos, mask_m, s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, R,
+                          stride_g, RC, ACC)
         if NUM_RC > 1:
-            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, R,
-                                    stride_g, RC, ACC)
-            acc1 = tl.dot(xt, g.to(x.dtype), acc=acc1, input_precision="ieee")
+            acc1 = chunk_grad(acc1, xt, G, pos, mask_m, s, r0 + RC, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s,
+                              R, stride_g, RC, ACC)
         if NUM_RC > 2:
-            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 2 * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
-                                    R, stride_g, RC, ACC)
-            acc2 = tl.dot(xt, g.to(x.dtype), acc=acc2, input_precision="ieee")
+            acc2 = chunk_grad(acc2, xt, G, pos, mask_m, s, r0 + 2 * RC, IDX, VAL, stride_idx, n, n_s, r, beta_m,
+                              beta_s, R, stride_g, RC, ACC)
         if NUM_RC > 3:
-            g, _ = scaled_rank_cols(G, pos, mask_m, s, r0 + 3 * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
-                                    R, stride_g, RC, ACC)
-            acc3 = tl.dot(xt, g.to(x.dtype), acc=acc3, input_precision="ieee")
+            acc3 = chunk_grad(acc3, xt, G, pos, mask_m, s, r0 + 3 * RC, IDX, VAL, stride_idx, n, n_s, r, beta_m,
+                              beta_s, R, stride_g, RC, ACC)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
     store_partial(P, acc0, s, r0 + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
     if NUM_RC > 1:
         store_partial(P, acc1, s, r0 + RC + tl.arange(0, RC), R, offs_n, mask_n, stride_p)
@@ -249,10 +193,10 @@ def rank_grad_block(
 
 
 @triton.jit
-def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr,
+def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n, n_s, r, NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr,
                 HAS_TRAIN: tl.constexpr, RC: tl.constexpr):
     """Number of lanes of ranks r0 .. r0 + RC whose gradient is wanted (trainable pool rows, wanted shared rows)."""
-    lanes, is_s, is_m, row, _ = rank_chunk(s, r0, IDX, IDX, stride_idx, n_s, r, 1.0, 1.0, RC, tl.float32)
+    lanes, is_s, is_m, row, _ = rank_chunk(s, r0, IDX, IDX, stride_idx, n, n_s, r, 1.0, 1.0, RC, tl.float32)
     keep = lanes < 0
     if NEED_POOL:
         if HAS_TRAIN:
@@ -267,7 +211,7 @@ def chunk_keeps(s, r0, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL: tl.constexpr, 
 @triton.jit
 def rank_grad_kernel(
     DS, U, XA, XB, PA, PB, DVAL, IDX, VAL, TRAIN, TOK, SEG_START, SEG_COUNT,
-    DA, DB, R, n_s, r, nblk_a,
+    DA, DB, R, n, n_s, r, nblk_a,
     stride_g, stride_xa, stride_xb, stride_pa, stride_pb, stride_dval, stride_idx,
     beta_m, beta_s,
     NEED_POOL: tl.constexpr, NEED_SHARED: tl.constexpr, HAS_TRAIN: tl.constexpr,
@@ -279,7 +223,7 @@ def rank_grad_kernel(
     DS, U ACC [T, R] (sorted order; dS = dY·B_effᵀ and u = x·A_effᵀ, both unscaled); XA = x [T, DA], XB = dY
     [T, DB] (token order); PA ACC [B·R, DA] ← (scale ⊙ dS)ᵀ·x, PB ACC [B·R, DB] ← (scale ⊙ u)ᵀ·dY (per-sample
     partial rows); DVAL [B, r] ← beta_m · Σ_t dS ⊙ u (pool lanes, by the programs of column block 0).
-    TRAIN int8 [n] (HAS_TRAIN): a group of rank chunks whose lanes are all frozen or unwanted pool rows (and no
+    TRAIN bool [n] (HAS_TRAIN): a group of rank chunks whose lanes are all frozen or unwanted pool rows (and no
     wanted shared row) does no gradient work: its partial rows are never read by the reduction.
     Grid: (cdiv(R, NUM_RC·RC), cdiv(DA, BLOCK_N) + cdiv(DB, BLOCK_N), B) or, without NEED_GRAD,
     (cdiv(R, NUM_RC·RC), 1, B).
@@ -293,29 +237,31 @@ def rank_grad_kernel(
     if NEED_VAL:
         if pid_n == 0:
             for c in tl.static_range(NUM_RC):
-                lanes, _, is_m, _, _ = rank_chunk(s, r0 + c * RC, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s,
+                lanes, _, is_m, _, _ = rank_chunk(s, r0 + c * RC, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s,
                                                   RC, ACC)
                 dv = tl.zeros([RC], dtype=ACC)
                 for m0 in range(0, count, BLOCK_M):
-                    offs_m = m0 + tl.arange(0, BLOCK_M)
-                    pos = (start + offs_m).to(tl.int64)
-                    mask = (offs_m < count)[:, None] & is_m[None, :]
-                    g = tl.load(DS + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
-                    h = tl.load(U + pos[:, None] * stride_g + lanes[None, :], mask=mask, other=0.0)
+                    pos, _tok, mask_m = segment_step(m0, start, count, TOK, False, BLOCK_M)
+                    rows = pos[:, None].to(tl.int64) * stride_g + lanes[None, :]
+                    mask = mask_m[:, None] & is_m[None, :]
+                    g = tl.load(DS + rows, mask=mask, other=0.0)
+                    h = tl.load(U + rows, mask=mask, other=0.0)
                     dv += tl.sum(g * h, axis=0)
-                tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=is_m)
+                # every pool lane is stored: one outside the pool (is_m false) read nothing and stores its 0
+                in_r = (lanes >= n_s) & (lanes < n_s + r)
+                tl.store(DVAL + s * stride_dval + lanes - n_s, (dv * beta_m).to(DVAL.dtype.element_ty), mask=in_r)
     if NEED_GRAD:
         keeps = 0
         for c in tl.static_range(NUM_RC):
-            keeps += chunk_keeps(s, r0 + c * RC, IDX, TRAIN, stride_idx, n_s, r, NEED_POOL, NEED_SHARED, HAS_TRAIN,
+            keeps += chunk_keeps(s, r0 + c * RC, IDX, TRAIN, stride_idx, n, n_s, r, NEED_POOL, NEED_SHARED, HAS_TRAIN,
                                  RC)
         if keeps > 0:
             if pid_n < nblk_a:
-                rank_grad_block(DS, XA, PA, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r,
+                rank_grad_block(DS, XA, PA, s, pid_n, r0, start, count, TOK, IDX, VAL, stride_idx, n, n_s, r,
                                 beta_m, beta_s, DA, R, stride_g, stride_xa, stride_pa,
                                 SORTED, BLOCK_M, BLOCK_N, RC, NUM_RC, ACC)
             else:
-                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, r0, start, count, TOK, IDX, VAL, stride_idx, n_s, r,
+                rank_grad_block(U, XB, PB, s, pid_n - nblk_a, r0, start, count, TOK, IDX, VAL, stride_idx, n, n_s, r,
                                 beta_m, beta_s, DB, R, stride_g, stride_xb, stride_pb,
                                 SORTED, BLOCK_M, BLOCK_N, RC, NUM_RC, ACC)
 

@@ -29,7 +29,7 @@ of the base product, then the rank chunks.
 import triton
 import triton.language as tl
 
-from pclr.kernels.lrp_prefill import gather_rows, rank_chunk, tile_of
+from pclr.kernels.rank_tiles import gather_rows, rank_chunk, tile_of
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def grouped_tile(t, num_tiles, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def kext_gemm_tma_kernel(
     X, X_DESC, W_DESC, BIAS, OUT, U, US, UM, IDX, VAL, TOK, TILE_SAMPLE, TILE_START, TILE_END,
-    num_tiles, K, N, R, n_s, r,
+    num_tiles, K, N, R, n, n_s, r,
     stride_x, stride_out, stride_u, stride_up, stride_idx,
     beta_m, beta_s,
     HAS_BIAS: tl.constexpr, SORTED: tl.constexpr, W_KN: tl.constexpr, GROUP_M: tl.constexpr,
@@ -100,7 +100,7 @@ def kext_gemm_tma_kernel(
             pos = start + tl.arange(0, BLOCK_M)
             mask_m = pos < end
             for r0 in range(0, R, RC):
-                lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n_s, r, beta_m, beta_s, RC,
+                lanes, is_s, is_m, row, scale = rank_chunk(s, r0, IDX, VAL, stride_idx, n, n_s, r, beta_m, beta_s, RC,
                                                            ACC)
                 u = tl.load(U + pos[:, None].to(tl.int64) * stride_u + lanes[None, :],
                             mask=mask_m[:, None] & (lanes < R)[None, :], other=0.0)

@@ -24,6 +24,7 @@ from pclr.options import (
     GateScope,
     check_choice,
 )
+from pclr.padded_batch import padded_sample_of_token
 from pclr.scoring import chosen_scores
 from pclr.validation import (
     FLOAT_DTYPES,
@@ -319,7 +320,7 @@ def _linear_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, 
         L = x.shape[1]
         padded_len = L
         x2 = x.reshape(num_samples * L, d_in)
-        sot = torch.arange(num_samples, device=device, dtype=torch.int32).repeat_interleave(L)
+        sot = padded_sample_of_token(num_samples, L, device)  # one tensor per (B, L, device): no op per call
         if L == 0:
             padded_len = 0
     else:

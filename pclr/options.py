@@ -16,12 +16,13 @@ GateMode = Literal["hard", "soft"]
 BackendName = Literal["reference", "triton", "cuda"]
 """The op backends, in no particular order (dispatch owns the priority)."""
 
-ForwardVariant = Literal["auto", "extended", "fused", "epilogue", "split"]
+ForwardVariant = Literal["auto", "extended", "extended-tma", "fused", "epilogue", "split"]
 """How the triton backend computes the forward of ``lrp_linear`` (same result, different passes over memory):
-``extended`` one shrink then one K-extended GEMM [x | S]·[W | B_eff]ᵀ (S kept for the backward); ``fused`` S
-recomputed inside every output tile; ``epilogue`` cuBLAS x·Wᵀ then the LRP term added in place; ``split`` a
-shrink then a GEMM with S·B_eff in its epilogue; ``auto`` the decode kernels for at most DECODE_MAX_TOKENS tokens,
-``extended`` otherwise."""
+``extended`` one shrink then one K-extended GEMM [x | S]·[W | B_eff]ᵀ (S kept for the backward);
+``extended-tma`` the same with its GEMM on sm_90 tensor descriptors (TMA) and a persistent tile schedule;
+``fused`` S recomputed inside every output tile; ``epilogue`` cuBLAS x·Wᵀ then the LRP term added in place;
+``split`` a shrink then a GEMM with S·B_eff in its epilogue; ``auto`` the decode kernels for at most
+DECODE_MAX_TOKENS tokens, ``extended`` otherwise."""
 
 GATE_SCOPES: tuple[str, ...] = get_args(GateScope)
 GATE_MODES: tuple[str, ...] = get_args(GateMode)

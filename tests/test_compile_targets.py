@@ -57,8 +57,6 @@ KNOWN_VIOLATIONS: dict[str, tuple[tuple[int, ...], str]] = {
     "lrp_one_pass": ((80,), "its LRP phase is lrp_expand[fused]'s tile, and the kernel's register allocation also "
                             "covers the gate phase's branch: about 350 bytes spill on sm_80 (none on sm_90)"),
     "lrp_one_pass[n=1024]": ((80,), "as lrp_one_pass (the gate's key tile stays at 16K elements: narrower steps)"),
-    "segment_dval": ((90, 80), "launch_dval runs it at 4 warps with [BLOCK_M, BLOCK_R] = [128, 128] fp32 tiles of "
-                               "dS and u (256 registers per thread); it needs 8 warps or a 32-token step"),
 }
 
 # What the JIT specializes at a real launch at the target point: pointers and ints divisible by 16 carry that hint
@@ -134,7 +132,7 @@ def registry() -> list[Entry]:
     """Every Triton kernel launch of pclr at the target point (bf16 data, fp32 accumulation)."""
     import triton.language as tl
 
-    from pclr.backends.triton import prefill, prefill_tma
+    from pclr.backends.triton import linear, prefill, prefill_tma
     from pclr.backends.triton.decode import decode_config
     from pclr.backends.triton.one_pass import MAX_ONE_PASS_N, gate_block_d
 
@@ -218,7 +216,7 @@ def registry() -> list[Entry]:
     out.append(Entry(
         "segment_dval", "lrp_bwd", "segment_dval_kernel", "comparison",
         {"G": "*fp32", "H": "*fp32", "DVAL": "*fp32", "SEG_START": "*i32", "SEG_COUNT": "*i32"},
-        {"ACC": f32}, [({"BLOCK_M": bm, "BLOCK_R": br}, 4, 3)], floats=("beta_m",)))
+        {"ACC": f32}, [({"BLOCK_T": linear.DVAL_TOKENS, "BLOCK_R": br}, 4, 3)], floats=("beta_m",)))
 
     # --- one-pass gate phase + LRP phase (launch_one_pass: the "expand" autotune list, its gate's key tile) -------
     one_pass_ptrs = {"X": bf, "W": bf, "BIAS": bf, "OUT": bf, "AS": bf, "AM": bf, "BS": bf, "BM": bf, "Q1": bf,

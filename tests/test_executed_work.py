@@ -75,38 +75,66 @@ def test_decode_bytes_near_the_floor(B: int) -> None:
     assert _triton_launches(row) == 1, row
 
 
-def test_packed_forward_launches_with_cached_segment_map() -> None:
-    """A packed batch reuses its segment map (cached on sample_of_token): the forward's kernels are the shrink (its
-    split-K sum when the grid is short) and the K-extended GEMM; no segment-map kernels run again."""
+def _no_validation_counts(fn):
+    """(WorkCounter of ``fn()``, its result) with the value checks off: they run by default on CPU only (a host
+    sync each), never on a GPU, and are not the path's work."""
+    set_validation(False)
+    try:
+        with WorkCounter() as wc:
+            out = fn()
+    finally:
+        set_validation(None)
+    return wc, out
+
+
+def _split_counts(wc: WorkCounter) -> tuple[dict[str, int], dict[str, int]]:
+    """(Triton kernel launches, torch op launches) by name; allocations (empty, empty_like) are not launches."""
+    by = wc.work.by_kernel
+    return ({k: v for k, v in by.items() if not k.startswith("torch.")},
+            {k: v for k, v in by.items() if k.startswith("torch.")})
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_extended_path_launches_only_triton_kernels(padded: bool) -> None:
+    """A packed batch's segment map is cached on sample_of_token, a padded batch's sample_of_token and tile map on
+    its shape, the reduction plan of the backward on idx, and an idx outside the pool is masked inside the kernels:
+    once the caches are warm, the extended forward launches the shrink (its split-K sum when the grid is short) and
+    the K-extended GEMM, and the backward the dS shrink, the dX GEMM, the rank-gradient kernel and the row
+    reduction; no torch op runs in either (no arange / repeat_interleave / sort for metadata), only allocations."""
     g = torch.Generator().manual_seed(0)
     T, d, n, r, n_s, B = 256, 64, 16, 6, 2, 4
     x = torch.randn(T, d, generator=g)
+    x = (x.reshape(B, T // B, d) if padded else x).requires_grad_()
     w = torch.randn(d, d, generator=g)
-    A_m, B_m = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
-    A_s, B_s = torch.randn(n_s, d, generator=g), torch.randn(n_s, d, generator=g)
+    A_m, B_m = torch.randn(n, d, generator=g).requires_grad_(), torch.randn(n, d, generator=g).requires_grad_()
+    A_s, B_s = torch.randn(n_s, d, generator=g).requires_grad_(), torch.randn(n_s, d, generator=g).requires_grad_()
     idx = torch.stack([torch.randperm(n, generator=g)[:r] for _ in range(B)]).to(torch.int32)
-    val = torch.rand(B, r, generator=g)
+    val = torch.rand(B, r, generator=g).requires_grad_()
     sot = torch.randint(0, B, (T,), generator=g, dtype=torch.int32)
+    trainable = torch.ones(n, dtype=torch.bool)
+    trainable[idx[0, 0]] = False
+    leaves = (x, A_m, B_m, A_s, B_s, val)
 
     def call() -> torch.Tensor:
-        return lrp_linear(x, w, None, A_m, B_m, idx, val, A_s=A_s, B_s=B_s, sample_of_token=sot, backend="triton",
-                          variant="auto")
+        return lrp_linear(x, w, None, A_m, B_m, idx, val, A_s=A_s, B_s=B_s, sample_of_token=None if padded else sot,
+                          trainable=trainable, backend="triton", variant="auto")
 
-    call()  # builds and caches the segment map
-    set_validation(False)  # the value checks (a host sync each) run by default on CPU only, never on a GPU
-    try:
-        with WorkCounter() as wc:
-            call()
-    finally:
-        set_validation(None)
-    kernels = {k: v for k, v in wc.work.by_kernel.items() if not k.startswith("torch.")}
-    assert sum(kernels.values()) <= 3, wc.work.by_kernel
-    # the out-of-pool guard of the extended path (idx outside [0, n) -> row 0 at val 0) costs a few elementwise ops
-    # on [B, r]; nothing else may run per call
-    torch_ops = {k: v for k, v in wc.work.by_kernel.items() if k.startswith("torch.")}
-    assert sum(torch_ops.values()) <= 7 and set(torch_ops) <= {"torch.ge", "torch.lt", "torch.__and__",
-                                                              "torch.where", "torch.zeros_like"}, torch_ops
-    assert "kext_gemm_kernel" in kernels and "shrink_kernel" in kernels, wc.work.by_kernel
+    y = call()  # builds and caches the segment map and the reduction plan
+    y.backward(torch.ones_like(y))
+    wf, y = _no_validation_counts(call)
+    grad = torch.ones_like(y)
+    for t in leaves:
+        t.grad = None  # a second backward would otherwise add into the first one's .grad (torch ops of autograd)
+    wb, _ = _no_validation_counts(lambda: y.backward(grad))
+    fwd_kernels, fwd_ops = _split_counts(wf)
+    assert not fwd_ops, fwd_ops
+    assert sum(fwd_kernels.values()) <= 3, fwd_kernels
+    assert "kext_gemm_kernel" in fwd_kernels and "shrink_kernel" in fwd_kernels, fwd_kernels
+    bwd_kernels, bwd_ops = _split_counts(wb)
+    assert not bwd_ops, bwd_ops
+    assert {"shrink_kernel", "kext_gemm_kernel", "rank_grad_kernel", "rows_reduce_kernel"} <= set(bwd_kernels)
+    assert sum(bwd_kernels.values()) <= 5, bwd_kernels
+    assert all(t.grad is not None for t in leaves)
 
 
 def test_one_pass_computes_each_sample_gate_once() -> None:

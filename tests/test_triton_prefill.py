@@ -14,6 +14,7 @@ from pclr import dispatch
 from pclr.backends import reference
 from pclr.backends.base import LinearInputs, LinearNeeds
 from pclr.bench.work import WorkCounter
+from pclr.padded_batch import padded_sample_of_token
 
 prefill = pytest.importorskip("pclr.backends.triton.prefill")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
@@ -197,8 +198,9 @@ def test_padded_tile_map_built_once_per_shape():
     b = a.clone()  # a fresh sample_of_token per call (what a 3-D x gets) must still hit
     assert prefill.segment_map(a, 3, 70, 64) is prefill.segment_map(b, 3, 70, 64)
     assert prefill.segment_map(a, 3, 70, 64).tok is None  # padded: no sort
-    sot = prefill.padded_sample_of_token(3, 70, a.device)
-    assert sot is prefill.padded_sample_of_token(3, 70, a.device) and torch.equal(sot, a)
+    sot = padded_sample_of_token(3, 70, a.device)
+    assert sot is padded_sample_of_token(3, 70, a.device) and torch.equal(sot, a)
+    assert padded_sample_of_token(3, 71, a.device) is not sot
 
 
 def test_executed_flops_at_the_floor():
@@ -220,3 +222,36 @@ def test_executed_flops_at_the_floor():
     assert wf.work.flops <= 1.01 * fwd_floor, (wf.work.flops, fwd_floor)
     assert wf.work.flops + wb.work.flops <= 1.01 * fb_floor, (wf.work.flops + wb.work.flops, fb_floor)
     assert wf.work.by_kernel["kext_gemm_kernel"] == 1 and wb.work.by_kernel["kext_gemm_kernel"] == 1
+
+
+def _fenced(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` as a view into a NaN-filled buffer with a poisoned row on each side: a kernel that reads the row
+    before or after the pool (idx -1 or n) gets NaN into its result."""
+    buf = torch.full((rows.shape[0] + 2, rows.shape[1]), float("nan"), dtype=rows.dtype, device=rows.device)
+    buf[1:-1] = rows
+    return buf[1:-1]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="float64 runs only through the CPU interpreter")
+@pytest.mark.parametrize("layout", [dict(B=3, L=70), dict(lens=[41, 0, 66])])
+def test_out_of_pool_idx_adds_nothing_fp64(layout):
+    """An idx outside [0, n) (negative, n, huge) is masked inside the kernels: y and every gradient equal the
+    reference's for that expert dropped (row 0 at val 0), its dval is exactly 0, frozen rows stay exactly 0, and
+    neither the row before nor the row after the pool is read."""
+    base = make_case(**layout, d_in=24, d_out=20, n=10, r=4, n_s=2, frozen=(2, 7), soft=True, dtype=torch.float64,
+                     seed=13)
+    n = base.A_m.shape[0]
+    bad = base.idx.clone()
+    bad[0, 1], bad[1, 3], bad[2, 0], bad[2, 2] = -1, n, 1 << 30, n
+    out = (bad < 0) | (bad >= n)
+    dropped = replace(base, idx=torch.where(out, torch.zeros_like(bad), bad),
+                      val=torch.where(out, torch.zeros_like(base.val), base.val))
+    y_ref, g_ref = _reference(dropped)
+    g_ref["val"] = torch.where(out, torch.zeros_like(g_ref["val"]), g_ref["val"])
+    y, g = _prefill(replace(base, idx=bad, A_m=_fenced(base.A_m), B_m=_fenced(base.B_m)))
+    torch.testing.assert_close(y, y_ref, atol=1e-11, rtol=1e-10)
+    for name, ref in g_ref.items():
+        torch.testing.assert_close(g[name], ref, atol=1e-11, rtol=1e-10, msg=lambda m, k=name: f"grad {k}: {m}")
+    assert torch.equal(g["val"][out], torch.zeros_like(g["val"][out]))
+    for name in ("A_m", "B_m"):
+        assert torch.count_nonzero(g[name][~base.trainable]) == 0, f"frozen rows of {name} got a gradient"

@@ -27,12 +27,14 @@ from pclr.bench.work import WorkCounter
 
 prefill = pytest.importorskip("pclr.backends.triton.prefill")
 prefill_tma = pytest.importorskip("pclr.backends.triton.prefill_tma")
+linear = pytest.importorskip("pclr.backends.triton.linear")
 interp = pytest.importorskip("triton.runtime.interpreter")
 pytestmark = pytest.mark.skipif(bool(dispatch.reasons("triton", "info", None)),
                                 reason="triton backend unavailable here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parent.parent
 NEEDS_X = LinearNeeds(x=True, A_m=False, B_m=False, val=False, A_s=False, B_s=False)
+NEEDS_ALL = LinearNeeds(x=True, A_m=True, B_m=True, val=True, A_s=True, B_s=True)
 
 
 def _packed(c):
@@ -263,3 +265,29 @@ def test_sm90_build_loads_tiles_with_tma():
     counts = {name: (int(tma), int(mma)) for name, tma, mma in (line.split() for line in res.stdout.splitlines())}
     assert set(counts) == {"kext_gemm_tma[y]", "kext_gemm_tma[dX]"}, res.stdout
     assert all(tma > 0 and mma > 0 for tma, mma in counts.values()), counts
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="float64 runs only through the CPU interpreter")
+@pytest.mark.parametrize("layout", [dict(B=3, L=70), dict(lens=[41, 0, 66])])
+def test_extended_tma_variant_matches_extended_fp64(layout):
+    """``variant="extended-tma"`` runs the whole extended path (forward, and dX in the backward) with the TMA GEMM:
+    y and every gradient equal the cp.async kernel's, with an out-of-pool idx (-1, n) adding nothing and frozen
+    rows getting exact zeros."""
+    base = make_case(**layout, d_in=32, d_out=24, n=10, r=4, n_s=2, frozen=(2, 7), soft=True, dtype=torch.float64,
+                     seed=17)
+    idx = base.idx.clone()
+    idx[0, 1], idx[2, 3] = -1, base.A_m.shape[0]
+    i = _inputs(replace(base, idx=idx))
+    results = {}
+    for variant in ("extended", "extended-tma"):
+        iv = replace(i, variant=variant)
+        y, saved = linear.linear_forward(iv)
+        g = linear.linear_backward(torch.cos(y), iv, saved, NEEDS_ALL)
+        results[variant] = (y, g)
+    (y0, g0), (y1, g1) = results["extended"], results["extended-tma"]
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=1e-12)
+    for name in ("x", "A_m", "B_m", "val", "A_s", "B_s"):
+        torch.testing.assert_close(getattr(g1, name), getattr(g0, name), atol=1e-12, rtol=1e-12,
+                                   msg=lambda m, k=name: f"grad {k}: {m}")
+    assert torch.count_nonzero(g1.A_m[~base.trainable]) == 0 and torch.count_nonzero(g1.B_m[~base.trainable]) == 0
+    assert g1.val[0, 1] == 0 and g1.val[2, 3] == 0

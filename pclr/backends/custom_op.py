@@ -193,11 +193,17 @@ class LinearOp:
     # -- autograd ------------------------------------------------------------------------------------------------
     def _setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, list[Tensor]]) -> None:
         _save(ctx, [*inputs, list(output[1])])
+        # the saved tensors are for the backward only: without these two lines autograd would fill a zero gradient
+        # for each of them (a memset of [T, R] per call) that the backward never reads
+        ctx.mark_non_differentiable(*output[1])
+        ctx.set_materialize_grads(False)
         ng = dict(zip(LINEAR_FIELDS, ctx.needs_input_grad))
         ctx.needs = LinearNeeds(**{name: bool(ng[name]) and inputs[LINEAR_FIELDS.index(name)] is not None
                                    for name in GRAD_FIELDS})
 
-    def _autograd_backward(self, ctx: Any, grad_y: Tensor, _grad_saved: Any) -> tuple[Tensor | None, ...]:
+    def _autograd_backward(self, ctx: Any, grad_y: Tensor | None, _grad_saved: Any) -> tuple[Tensor | None, ...]:
+        if grad_y is None:  # grads are not materialised: no gradient reached y, so none flows to any input
+            return tuple(None for _ in LINEAR_FIELDS)
         *values, saved = _load(ctx)
         grads = self.backward(grad_y, linear_inputs(values), saved if isinstance(saved, list) else [], ctx.needs)
         return tuple(getattr(grads, name) if name in GRAD_FIELDS else None for name in LINEAR_FIELDS)

@@ -163,6 +163,7 @@ _NO_GATE_VARIANT = "no gate of its own: gate mode times the triton gate kernel a
 _MODEL_VARIANT = "the model-level modes run pclr-triton with the forward variant chosen by shape"
 
 _VARIANT_SUMMARY: dict[str, str] = {
+    "extended-tma": "the extended path with its GEMM on tensor descriptors (TMA), persistent tiles (sm_90)",
     "fused": "base GEMM and LRP term in one kernel",
     "epilogue": "cuBLAS x·Wᵀ, then the LRP term added in place",
     "split": "shrink kernel, then a GEMM with S·B_eff in its epilogue",
@@ -182,6 +183,7 @@ PCLR_PROVIDERS: tuple[Provider, ...] = (
     PclrBackend("pclr-triton", "triton", KERNEL | MODEL, {},
                 "the triton backend as dispatch runs it: its gate kernel, and the auto forward (the decode kernels "
                 "for at most 64 tokens, the extended path otherwise)", variant="auto"),
+    _triton_variant("extended-tma"),
     _triton_variant("fused"),
     _triton_variant("epilogue"),
     _triton_variant("split"),

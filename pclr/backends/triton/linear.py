@@ -6,6 +6,9 @@ memory they take.
 
   - ``fused``    one kernel: x·Wᵀ + b and the LRP term in the same K loop (each x tile read once); for
                  T ≤ DECODE_MAX_TOKENS a single launch with no token sort at all (decode).
+  - ``extended`` / ``extended-tma``  S = x·A_effᵀ once per token, then one K-extended GEMM
+                 [x | S]·[W | B_eff]ᵀ (:mod:`pclr.backends.triton.prefill`); the -tma form runs that GEMM with
+                 tensor descriptors and a persistent schedule (:mod:`pclr.backends.triton.prefill_tma`, sm_90).
   - ``epilogue`` cuBLAS x·Wᵀ + b, then the LRP term added in place (shrink kernel S = x·A_effᵀ, then expand).
   - ``split``    shrink kernel, then one GEMM kernel with S·B_eff in its epilogue (no second pass over y).
   - ``auto``     by shape: see :func:`forward_variant`.
@@ -15,15 +18,13 @@ memory they take.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
 
 from pclr.backends.base import LinearGrads, LinearInputs, LinearNeeds
-from pclr.backends.triton import decode, prefill
+from pclr.backends.triton import decode, prefill, prefill_tma
 from pclr.backends.triton.configs import (
     INTERPRET,
     acc_types,
@@ -47,6 +48,8 @@ from pclr.options import (
     ForwardVariant,
     check_choice,
 )
+
+DVAL_TOKENS = 32  # tokens per step of segment_dval_kernel: two [32, BLOCK_R ≤ 128] fp32 tiles fit without spills
 
 
 def forward_variant(T: int, d_out: int, requested: ForwardVariant) -> str:
@@ -187,7 +190,7 @@ def launch_dval(dS: Tensor, u: Tensor, tiles: Tiles, B: int, n_s: int, r: int, b
     if B:
         bwd_kernels.segment_dval_kernel[(B,)](
             dS, u, dval, tiles.seg_start, tiles.seg_count, n_s, r, dS.stride(0), dval.stride(0), float(beta_m),
-            BLOCK_M=tiles.block_m, BLOCK_R=dS.shape[1], ACC=acc,
+            BLOCK_T=DVAL_TOKENS, BLOCK_R=dS.shape[1], ACC=acc,
         )
     return dval
 
@@ -200,21 +203,14 @@ def _empty(i: LinearInputs) -> bool:
     return i.x.shape[0] == 0 or i.idx.shape[0] == 0 or i.n_s + i.idx.shape[1] == 0
 
 
+# The extended path's K-extended GEMM launcher by variant: the cp.async kernel, or the TMA + persistent one (sm_90;
+# raises with its reasons where it cannot run). auto keeps the cp.async kernel until a GPU measurement says otherwise.
+_EXTENDED = {"extended": prefill.launch_kext_gemm, "extended-tma": prefill_tma.kext_gemm_tma}
+
+
 def _keeps_s(i: LinearInputs) -> bool:
     """Whether the forward of ``i`` runs the extended path, which returns S for the backward."""
-    return not _empty(i) and forward_variant(i.x.shape[0], i.weight.shape[0], i.variant) == "extended"
-
-
-def _inside_pool(i: LinearInputs) -> tuple[LinearInputs, Tensor]:
-    """(``i`` with every idx outside [0, n) replaced by row 0 at val 0, the mask of the idx inside): the extended
-    path's kernels gather rows unmasked, so an out-of-range expert is neutralised here (it then adds exactly 0 to y
-    and to every row gradient; its dval is zeroed after the backward). The other paths mask in their kernels
-    (rank_rows) or match rows by value (decode), so nothing outside the pool is ever read. Two [B, r] elementwise
-    ops, no host sync."""
-    inside = (i.idx >= 0) & (i.idx < i.A_m.shape[0])
-    idx = torch.where(inside, i.idx, torch.zeros_like(i.idx))
-    val = torch.where(inside, i.val, torch.zeros_like(i.val))
-    return dataclasses.replace(i, idx=idx, val=val), inside
+    return not _empty(i) and forward_variant(i.x.shape[0], i.weight.shape[0], i.variant) in _EXTENDED
 
 
 def linear_saved_like(i: LinearInputs) -> list[Tensor]:
@@ -231,8 +227,8 @@ def linear_forward(i: LinearInputs) -> tuple[Tensor, list[Tensor]]:
     if _empty(i):
         return base_linear(x, weight, bias), []
     variant = forward_variant(T, d_out, i.variant)
-    if variant == "extended":
-        return prefill.linear_forward(_inside_pool(i)[0])
+    if variant in _EXTENDED:
+        return prefill.linear_forward(i, _EXTENDED[variant])
     if variant == "decode":
         return decode.decode_forward(x, weight, bias, i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.beta_m, i.beta_s,
                                      i.sample_of_token), []
@@ -271,11 +267,8 @@ def linear_backward(grad: Tensor, i: LinearInputs, saved: list[Tensor], needs: L
     backward starts from the S its forward saved (recomputed once when ``saved`` is empty, e.g. after the one-pass
     forward); the other paths recompute what they need."""
     if _keeps_s(i):
-        safe, inside = _inside_pool(i)
-        grads = prefill.linear_backward(grad, safe, saved, needs)
-        if grads.val is not None:
-            grads.val = torch.where(inside, grads.val, torch.zeros_like(grads.val))
-        return grads
+        return prefill.linear_backward(grad, i, saved, needs,
+                                       _EXTENDED[forward_variant(i.x.shape[0], i.weight.shape[0], i.variant)])
     x, weight, A_m, B_m, A_s, B_s, idx, val = i.x, i.weight, i.A_m, i.B_m, i.A_s, i.B_s, i.idx, i.val
     T, d_out = x.shape[0], weight.shape[0]
     B, r = idx.shape

@@ -9,6 +9,8 @@ Reference semantics: :mod:`pclr.backends.reference` (``_forward``, ``_backward``
   with W's strides swapped), dA_eff / dB_eff / dval in one launch of per-sample partial rows, then one fixed-order
   row reduction that writes dA_m, dB_m, dA_s, dB_s in their own dtype (zeros on frozen and unchosen rows). Always
   deterministic: the reduction order depends on idx only, never on scheduling.
+* An idx outside [0, n) is masked inside every kernel (no row outside the pool is read or written): that expert adds
+  nothing to y, nothing to any row gradient, and its dval is exactly 0, with no torch op over idx per call.
 * Segment metadata: the tile map of a padded batch [B, L] depends on (B, L) only and is built once per shape (no
   sort, ``sample_of_token`` never read); a packed batch's map is cached on the ``sample_of_token`` tensor, so every
   linear of a forward (and its backward) reuses it.
@@ -19,7 +21,7 @@ forward 2·T·d_in·d_out + 2·T·R·(d_in + d_out), forward + backward 4·T·d_
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,9 @@ except Exception as exc:  # an absent or broken triton is a reason, never an imp
 
 DEFAULT_SMS = 132  # H100 / H200: the machine the interpreter's split decisions imitate
 GROUP_M = 8  # token tiles per group of the GEMM's tile walk (L2 reuse of X and W tiles)
+# A launcher of the K-extended GEMM with launch_kext_gemm's arguments (the cp.async kernel, or
+# pclr.backends.triton.prefill_tma.kext_gemm_tma on sm_90).
+GemmLauncher = Callable[..., None]
 MAX_RANK_CHUNKS = 4  # rank chunks one rank-grad program feeds from each x / dY tile (one accumulator each)
 
 
@@ -126,23 +131,6 @@ def segment_map(sot: Tensor, num_samples: int, padded_len: int, block_m: int) ->
     return tiles
 
 
-_PADDED_SOT: dict = {}
-
-
-def padded_sample_of_token(num_samples: int, padded_len: int, device: torch.device) -> Tensor:
-    """int32 [B·L] = arange(B).repeat_interleave(L), one tensor per (B, L, device): a padded x [B, L, d] gets the
-    same ``sample_of_token`` object on every linear call (no per-call allocation, and identity caches keep hitting)."""
-    key = (num_samples, padded_len, torch.device(device))
-    hit = _PADDED_SOT.get(key)
-    if hit is None:
-        hit = torch.arange(num_samples, device=device, dtype=torch.int32).repeat_interleave(padded_len)
-        if not (hit.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if len(_PADDED_SOT) >= 16:
-                _PADDED_SOT.clear()
-            _PADDED_SOT[key] = hit
-    return hit
-
-
 _TARGETS: dict = {}
 
 
@@ -188,7 +176,7 @@ def _tile_args(tiles: Tiles) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: Tiles, R: int) -> Tensor:
     """U = X·Down_effᵀ per sample, unscaled: ACC [T, R] in sorted token order.
 
-    X [T, K]; Ds [n_s, K] | None; Dm [n, K]; idx int32 [B, r].
+    X [T, K]; Ds [n_s, K] | None; Dm [n, K]; idx int32 [B, r] (an idx outside [0, n) gives a zero column).
     """
     T, K = X.shape
     n_s = 0 if Ds is None else Ds.shape[0]
@@ -198,20 +186,20 @@ def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: 
     u = torch.empty((T, R), dtype=acc_t, device=X.device)
     if tiles.num_tiles == 0 or T == 0:
         return u
-    cfg = config("shrink")
+    cfg = config("shrink", K, T, X.device)
     rc = rank_chunk(R)
     r_chunks = -(-R // rc)
     splits, per = shrink_splits(tiles.num_tiles * r_chunks, K, cfg.block_k, sm_count(X.device))
     part = u if splits == 1 else torch.empty((splits, T, R), dtype=acc_t, device=X.device)
     kernels.shrink_kernel[(tiles.num_tiles, r_chunks, splits)](
         X, _rows(Ds, Dm), Dm, idx, part, *_tile_args(tiles),
-        K, R, n_s, idx.shape[1], per,
+        K, R, Dm.shape[0], n_s, idx.shape[1], per,
         X.stride(0), Dm.stride(0), idx.stride(0), T * R, R,
         SORTED=tiles.tok is not None, BLOCK_M=tiles.block_m, RC=rc, BLOCK_K=cfg.block_k, ACC=acc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        sc = config("split_sum")
+        sc = config("split_sum", K, T, X.device)
         kernels.split_sum_kernel[(triton.cdiv(T * R, sc.block_n),)](
             part, u, T * R, splits, T * R, BLOCK=sc.block_n, ACC=acc, num_warps=sc.num_warps,
         )
@@ -220,11 +208,11 @@ def launch_shrink(X: Tensor, Ds: Tensor | None, Dm: Tensor, idx: Tensor, tiles: 
 
 def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, int], bias: Tensor | None,
                      U: Tensor, Us: Tensor | None, Um: Tensor, idx: Tensor, val: Tensor, beta_m: float,
-                     beta_s: float, tiles: Tiles) -> None:
+                     beta_s: float, tiles: Tiles, kind: str = "gemm") -> None:
     """out = [X | scale ⊙ U]·[W | Up_eff]ᵀ + bias, per sample.
 
     out [T, N]; X [T, K]; W viewed [N, K] with strides ``w_strides``; bias [N] | None; U ACC [T, R] (sorted order,
-    unscaled); Us [n_s, N] | None, Um [n, N]; idx int32 [B, r]; val [B, r].
+    unscaled); Us [n_s, N] | None, Um [n, N]; idx int32 [B, r] (an idx outside [0, n) adds nothing); val [B, r].
     """
     T, K = X.shape
     N = out.shape[1]
@@ -232,11 +220,11 @@ def launch_kext_gemm(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, in
     n_s = 0 if Us is None else Us.shape[0]
     if tiles.num_tiles == 0:
         return
-    cfg = config("gemm")
+    cfg = config(kind, K, T, X.device)
     grid = (tiles.num_tiles * triton.cdiv(N, cfg.block_n),)
     kernels.kext_gemm_kernel[grid](
         X, W, bias if bias is not None else out, out, U, _rows(Us, Um), Um, idx, val, *_tile_args(tiles),
-        tiles.num_tiles, K, N, R, n_s, idx.shape[1],
+        tiles.num_tiles, K, N, R, Um.shape[0], n_s, idx.shape[1],
         X.stride(0), w_strides[0], w_strides[1], out.stride(0), U.stride(0), Um.stride(0), idx.stride(0),
         float(beta_m), float(beta_s),
         HAS_BIAS=bias is not None, SORTED=tiles.tok is not None, GROUP_M=GROUP_M,
@@ -259,19 +247,19 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
     R = dS.shape[1]
     acc_t, acc = _acc(x.dtype)
     need_grad = out_pool is not None or out_shared is not None
-    cfg = config("grad")
+    cfg = config("grad", d_in, T, x.device)
     rc = rank_chunk(R)
     nblk_a, nblk_b = triton.cdiv(d_in, cfg.block_n), triton.cdiv(d_out, cfg.block_n)
     dval = torch.empty((B, r), dtype=val.dtype, device=x.device) if need_val else None
     pa = torch.empty((B * R, d_in), dtype=acc_t, device=x.device) if need_grad else dS
     pb = torch.empty((B * R, d_out), dtype=acc_t, device=x.device) if need_grad else dS
     tok = tiles.tok if tiles.tok is not None else tiles.seg_start
-    train = None if trainable is None or out_pool is None else trainable.to(torch.int8)
+    train = None if trainable is None or out_pool is None else trainable  # bool, read as is (no cast per call)
     num_rc = min(MAX_RANK_CHUNKS, -(-R // rc))
     grid = (-(-R // (rc * num_rc)), nblk_a + nblk_b if need_grad else 1, B)
     kernels.rank_grad_kernel[grid](
         dS, u, x, grad, pa, pb, dval if dval is not None else dS, idx, val, train if train is not None else idx, tok,
-        tiles.seg_start, tiles.seg_count, d_in, d_out, R, n_s, r, nblk_a,
+        tiles.seg_start, tiles.seg_count, d_in, d_out, R, n, n_s, r, nblk_a,
         dS.stride(0), x.stride(0), grad.stride(0), pa.stride(0), pb.stride(0),
         dval.stride(0) if dval is not None else 0, idx.stride(0), float(beta_m), float(beta_s),
         NEED_POOL=out_pool is not None, NEED_SHARED=out_shared is not None, HAS_TRAIN=train is not None,
@@ -285,7 +273,7 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
         rows = (n if out_pool is not None else 0) + (n_s if out_shared is not None else 0)
         am, bm = out_pool if out_pool is not None else out_shared
         as_, bs = out_shared if out_shared is not None else out_pool
-        rcfg = config("reduce")
+        rcfg = config("reduce", d_in, T, x.device)
         ra, rb = triton.cdiv(d_in, rcfg.block_n), triton.cdiv(d_out, rcfg.block_n)
         if rows:
             kernels.rows_reduce_kernel[(rows, ra + rb)](
@@ -305,11 +293,13 @@ def launch_rank_grads(dS: Tensor, u: Tensor, x: Tensor, grad: Tensor, idx: Tenso
 def prefill_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor, idx: Tensor,
                     val: Tensor, A_s: Tensor | None, B_s: Tensor | None, sot: Tensor,
                     trainable: Tensor | None, beta_m: float, beta_s: float, padded_len: int,
-                    deterministic: bool) -> tuple[Tensor, list[Tensor]]:
+                    deterministic: bool, gemm: GemmLauncher | None = None) -> tuple[Tensor, list[Tensor]]:
     """(y [T, d_out], saved) with saved = [u], u ACC [T, R] = x·A_effᵀ unscaled in sorted token order.
 
-    x [T, d_in]; weight [d_out, d_in]; see :class:`pclr.dispatch.LinearInputs`. Always deterministic.
+    x [T, d_in]; weight [d_out, d_in]; see :class:`pclr.dispatch.LinearInputs`. Always deterministic. ``gemm``: the
+    K-extended GEMM's launcher (default :func:`launch_kext_gemm`; the TMA one has the same contract).
     """
+    gemm = gemm or launch_kext_gemm
     T = x.shape[0]
     d_out = weight.shape[0]
     B, r = idx.shape
@@ -321,8 +311,7 @@ def prefill_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor,
     tiles = segment_map(sot, B, padded_len, tile_block_m(T, B))
     u = launch_shrink(x, A_s, A_m, idx, tiles, R)
     y = torch.empty((T, d_out), dtype=x.dtype, device=x.device)
-    launch_kext_gemm(y, x, weight, (weight.stride(0), weight.stride(1)), bias, u, B_s, B_m, idx, val, beta_m,
-                     beta_s, tiles)
+    gemm(y, x, weight, (weight.stride(0), weight.stride(1)), bias, u, B_s, B_m, idx, val, beta_m, beta_s, tiles)
     return y, [u]
 
 
@@ -335,11 +324,14 @@ def prefill_saved_like(x: Tensor, idx: Tensor, A_s: Tensor | None) -> list[Tenso
 def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: Tensor, idx: Tensor, val: Tensor,
                      A_s: Tensor | None, B_s: Tensor | None, sot: Tensor, trainable: Tensor | None,
                      beta_m: float, beta_s: float, padded_len: int, deterministic: bool,
-                     saved: Sequence[Tensor], needs: tuple[bool, bool, bool, bool]):
+                     saved: Sequence[Tensor], needs: tuple[bool, bool, bool, bool],
+                     gemm: GemmLauncher | None = None):
     """(dx, dA_m, dB_m, dval, dA_s, dB_s), each None when not in ``needs`` = (x, pool, val, shared).
 
-    grad [T, d_out]; ``saved`` = the forward's [u]. Deterministic whatever ``deterministic`` says.
+    grad [T, d_out]; ``saved`` = the forward's [u]. Deterministic whatever ``deterministic`` says. ``gemm``: as
+    :func:`prefill_forward`'s (it computes dX).
     """
+    gemm = gemm or launch_kext_gemm
     need_x, need_pool, need_val, need_shared = needs
     T = x.shape[0]
     B, r = idx.shape
@@ -371,8 +363,8 @@ def prefill_backward(grad: Tensor, x: Tensor, weight: Tensor, A_m: Tensor, B_m: 
     if need_x:
         # dX = [dY | scale ⊙ dS]·[W ; A_eff]: X := dY [T, d_out], W viewed [d_in, d_out] (strides swapped)
         dx = torch.empty_like(x)
-        launch_kext_gemm(dx, grad, weight, (weight.stride(1), weight.stride(0)), None, dS, A_s, A_m, idx, val,
-                         beta_m, beta_s, tiles)
+        gemm(dx, grad, weight, (weight.stride(1), weight.stride(0)), None, dS, A_s, A_m, idx, val, beta_m, beta_s,
+             tiles, kind="gemm_dx")
     if need_pool or need_shared or need_val:
         out_pool = out_shared = None
         if need_pool:
@@ -396,11 +388,11 @@ def _positional(i: LinearInputs) -> tuple:
             i.padded_len, i.deterministic)
 
 
-def linear_forward(inputs: LinearInputs) -> tuple[Tensor, list[Tensor]]:
+def linear_forward(inputs: LinearInputs, gemm: GemmLauncher | None = None) -> tuple[Tensor, list[Tensor]]:
     """(y [T, d_out], saved = [u]) of :func:`prefill_forward` for a :class:`LinearInputs`."""
     i = inputs
     return prefill_forward(i.x, i.weight, i.bias, i.A_m, i.B_m, i.idx, i.val, i.A_s, i.B_s, i.sample_of_token,
-                           i.trainable, i.beta_m, i.beta_s, i.padded_len, i.deterministic)
+                           i.trainable, i.beta_m, i.beta_s, i.padded_len, i.deterministic, gemm)
 
 
 def linear_saved_like(inputs: LinearInputs) -> list[Tensor]:
@@ -408,9 +400,9 @@ def linear_saved_like(inputs: LinearInputs) -> list[Tensor]:
 
 
 def linear_backward(grad_y: Tensor, inputs: LinearInputs, saved: Sequence[Tensor],
-                    needs: LinearNeeds) -> LinearGrads:
+                    needs: LinearNeeds, gemm: GemmLauncher | None = None) -> LinearGrads:
     """The gradients named in ``needs`` from :func:`prefill_backward` (saved empty: u is recomputed once)."""
     i = inputs
     dx, dA_m, dB_m, dval, dA_s, dB_s = prefill_backward(
-        grad_y, i.x, *_positional(i), saved, (needs.x, needs.pool, needs.val, needs.shared))
+        grad_y, i.x, *_positional(i), saved, (needs.x, needs.pool, needs.val, needs.shared), gemm)
     return LinearGrads(x=dx, A_m=dA_m, B_m=dB_m, val=dval, A_s=dA_s, B_s=dB_s)

@@ -121,14 +121,18 @@ def persistent_programs(tiles: int, device: torch.device) -> int:
 
 def kext_gemm_tma(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, int], bias: Tensor | None,
                   U: Tensor, Us: Tensor | None, Um: Tensor, idx: Tensor, val: Tensor, beta_m: float,
-                  beta_s: float, tiles: Tiles) -> None:
+                  beta_s: float, tiles: Tiles, kind: str = "gemm") -> None:
     """out = [X | scale ⊙ U]·[W | Up_eff]ᵀ + bias, per sample: the contract of ``prefill.launch_kext_gemm``.
 
     out [T, N] (token order, written); X [T, K] (token order); W viewed [N, K] with strides ``w_strides``
     ((W.stride(0), W.stride(1)) for y = x·Wᵀ + …, swapped for dX = dY·W + …); bias [N] | None; U ACC [T, R] (sorted
     order, unscaled: the shrink's output); Us [n_s, N] | None, Um [n, N] (one row stride); idx int32 [B, r];
-    val [B, r]; tiles: the batch's tile map. Raises ValueError with :func:`tma_reasons` when they are not empty.
+    val [B, r]; tiles: the batch's tile map; routes whose idx lies outside [0, n) add nothing. ``kind`` ("gemm" for
+    y, "gemm_dx" for dX) is accepted for the launcher contract: one pinned config serves both here. Raises
+    ValueError with :func:`tma_reasons` when they are not empty.
     """
+    if kind not in ("gemm", "gemm_dx"):
+        raise ValueError(f"kind must be 'gemm' or 'gemm_dx', got {kind!r}")
     why = tma_reasons(out, X, W, w_strides)
     if why:
         raise ValueError("kext_gemm_tma cannot run this call: " + "; ".join(why))
@@ -148,7 +152,7 @@ def kext_gemm_tma(out: Tensor, X: Tensor, W: Tensor, w_strides: tuple[int, int],
     kernels.kext_gemm_tma_kernel[(persistent_programs(total, X.device),)](
         X, x_desc, w_desc, bias if bias is not None else out, out, U, Um if Us is None else Us, Um, idx, val, tok,
         tiles.tile_sample, tiles.tile_start, tiles.tile_end,
-        tiles.num_tiles, K, N, R, n_s, idx.shape[1],
+        tiles.num_tiles, K, N, R, Um.shape[0], n_s, idx.shape[1],
         X.stride(0), out.stride(0), U.stride(0), Um.stride(0), idx.stride(0),
         float(beta_m), float(beta_s),
         HAS_BIAS=bias is not None, SORTED=tiles.tok is not None, W_KN=w_kn, GROUP_M=GROUP_M,

@@ -7,6 +7,7 @@ computed once per request and reused by every new token; the prefill time goes i
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,19 @@ from pclr.routing import routing
 
 LORA_TARGETS = LAYER_LINEARS
 
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The KV-cache keyword of the installed transformers: ``cache`` from 5.24 on (``past_key_values`` is deprecated
+    there), ``past_key_values`` before; read from the signature rather than from version numbers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _kv_cache(out: Any) -> Any:
+    """The KV cache of a model output, under either name (see :func:`_cache_keyword`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 def tiny_llama(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A randomly initialised LLaMA-shaped causal LM of ``cfg`` (hidden, ffn, layers, heads, vocab), frozen."""
@@ -126,11 +140,12 @@ def run_serve(cfg: dict[str, Any], providers: Sequence[Provider], device: torch.
                 out = model(input_ids=ids, use_cache=True)
                 synchronize(device)
                 prefill_ms = (time.perf_counter() - t0) * 1e3
-                state = {"pkv": out.past_key_values, "tok": out.logits[:, -1:].argmax(-1)}
+                kw = _cache_keyword(model)
+                state = {"pkv": _kv_cache(out), "tok": out.logits[:, -1:].argmax(-1)}
 
                 def step(state: dict[str, Any] = state) -> None:
-                    o = model(input_ids=state["tok"], past_key_values=state["pkv"], use_cache=True)
-                    state["pkv"], state["tok"] = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                    o = model(input_ids=state["tok"], use_cache=True, **{kw: state["pkv"]})
+                    state["pkv"], state["tok"] = _kv_cache(o), o.logits[:, -1:].argmax(-1)
                 times, mem = timed_steps(step, device, 1, cfg["steps"])
             note = f"prefill {cfg['prompt']} tokens: {prefill_ms:.3g} ms"
             extra = provider.model_note("serve", cfg)

@@ -31,3 +31,14 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def ext():
+    """The compiled CUDA extension (pclr._C), or a skip that says why it cannot load here."""
+    from pclr.backends import cuda as cuda_backend  # imported per use: most test files never ask for it
+
+    why = cuda_backend.extension_reason()
+    if why is not None:
+        pytest.skip(why)
+    return True

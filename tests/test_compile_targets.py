@@ -25,8 +25,6 @@ one subprocess per core.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -41,8 +39,17 @@ from typing import Any
 
 import pytest
 
+from pclr.backends.triton import compile_stats
+from pclr.backends.triton.compile_stats import (
+    SMEM_LIMIT,
+    LaunchSpec,
+    config_str,
+    ptxas_reason,
+    ptxas_stats,
+    violation,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
-SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes a block may opt into: 227 KB (sm_90), 163 KB (sm_80)
 ARCHS = (90, 80)
 TARGET = {"d": 4096, "T": 4096, "B": 8, "n": 256, "r": 64, "n_s": 32}
 DECODE_T = (16, 32, 64)  # decode_config's token tiles for 1…64 tokens
@@ -58,11 +65,6 @@ KNOWN_VIOLATIONS: dict[str, tuple[tuple[int, ...], str]] = {
                             "covers the gate phase's branch: about 350 bytes spill on sm_80 (none on sm_90)"),
     "lrp_one_pass[n=1024]": ((80,), "as lrp_one_pass (the gate's key tile stays at 16K elements: narrower steps)"),
 }
-
-# What the JIT specializes at a real launch at the target point: pointers and ints divisible by 16 carry that hint
-# (model dims and row strides are multiples of 16 there; counts and small strides are not).
-NOT_DIV16 = {"num_tiles", "n_lrp", "R", "BR", "n_s", "r", "n", "B", "nblk_a", "splits", "split", "row0", "numel",
-             "stride_idx", "stride_dval", "stride_u", "stride_g", "stride_cand", "stride_sbuf", "stride_sg_t"}
 
 
 @dataclass
@@ -237,82 +239,10 @@ def registry() -> list[Entry]:
 # Compiling (in the worker subprocess)
 # ---------------------------------------------------------------------------------------------------------------
 
-_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
-_FUNC = re.compile(r"Function properties for (\S+)")
-
-
-def ptxas_stats(log: str, kernel: str) -> tuple[int, int]:
-    """(registers, spill bytes stored + loaded) of ``kernel``'s own entry function in a ``ptxas -v`` log.
-
-    ptxas writes one block per function (the entry, then any device function it did not inline); the block of an
-    entry starts at "Compiling entry function '<name>'" and holds its "Function properties" and "Used N registers"
-    lines. Reading the first "Used" line of the whole log can report another function's registers.
-    """
-    starts = [(m.start(), m.group(1)) for m in _ENTRY.finditer(log)]
-    block = ""
-    for i, (pos, name) in enumerate(starts):
-        if name == kernel:
-            end = starts[i + 1][0] if i + 1 < len(starts) else len(log)
-            block = log[pos:end]
-            break
-    if not block:
-        raise ValueError(f"no entry function {kernel!r} in the ptxas log:\n{log[:2000]}")
-    # the entry's own properties (a device function's "Function properties for f" may follow inside the block)
-    props = re.search(rf"Function properties for {re.escape(kernel)}\s*\n(.*)", block)
-    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", props.group(1) if props else ""))
-    regs = re.search(r"Used (\d+) registers", block)
-    if regs is None:
-        raise ValueError(f"no register count for {kernel!r} in the ptxas log:\n{block[:2000]}")
-    return int(regs.group(1)), spills
-
-
-def _signature(fn: Any, entry: Entry, consts: dict[str, Any]) -> tuple[dict[str, str], dict]:
-    sig: dict[str, str] = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in entry.ptrs:
-            sig[name] = entry.ptrs[name]
-        elif name in entry.floats:
-            sig[name] = "fp32"
-        else:
-            sig[name] = entry.extra.get(name, "i32")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name] not in ("constexpr", "fp32") and name not in NOT_DIV16}
-    return sig, attrs
-
-
 def compile_one(entry: Entry, meta: dict[str, Any], warps: int, stages: int, arch: int) -> dict[str, Any]:
     """One table row: kernel, config, arch, path, and regs / spills / smem (or the compile error)."""
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(importlib.import_module(f"pclr.kernels.{entry.module}"), entry.fn)
-    consts = {**entry.consts, **meta}
-    sig, attrs = _signature(fn, entry, consts)
-    row: dict[str, Any] = {"kernel": entry.name, "config": config_str(meta, warps, stages), "arch": arch,
-                           "path": entry.path}
-    log = io.StringIO()
-    t0 = time.perf_counter()
-    try:
-        # Triton runs its bundled ptxas with -v; TRITON_DUMP_PTXAS_LOG (set by the parent) prints that log
-        with contextlib.redirect_stdout(log):
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-        row["smem"] = int(k.metadata.shared)
-        row["regs"], row["spills"] = ptxas_stats(log.getvalue(), k.metadata.name)
-    except Exception as exc:  # noqa: BLE001 -- reported in the table, then failed on by the test
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-    row["seconds"] = round(time.perf_counter() - t0, 1)
-    return row
-
-
-def config_str(meta: dict[str, Any], warps: int, stages: int) -> str:
-    blocks = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in meta.items())
-    return f"{blocks} w{warps} s{stages}".strip()
+    spec = LaunchSpec(entry.name, entry.module, entry.fn, entry.ptrs, entry.consts, entry.floats, entry.extra)
+    return {**compile_stats.compile_one(spec, meta, warps, stages, arch), "path": entry.path}
 
 
 def jobs(archs: tuple[int, ...] = ARCHS, only: str = "") -> list[tuple[int, int, int]]:
@@ -353,18 +283,6 @@ def compile_all(archs: tuple[int, ...] = ARCHS, only: str = "") -> list[dict[str
     return sorted(rows, key=lambda r: key.get((r["kernel"], r["config"], r["arch"]), 0))
 
 
-def violation(row: dict[str, Any]) -> str:
-    """Why a compiled row breaks the hardware limits ('' when it does not)."""
-    if "error" in row:
-        return f"compile error: {row['error']}"
-    why = []
-    if row["spills"]:
-        why.append(f"{row['spills']} B spilled")
-    if row["smem"] > SMEM_LIMIT[row["arch"]]:
-        why.append(f"{row['smem']} B shared > {SMEM_LIMIT[row['arch']]}")
-    return ", ".join(why)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'kernel':<22} {'config':<40} {'arch':<5} {'regs':>5} {'spills':>7} {'smem KB':>8} {'s':>6}  path"]
     for r in rows:
@@ -379,19 +297,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The test
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _ptxas_available() -> str:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        try:
-            get_ptxas(90)
-        except TypeError:  # before Triton 3.7 the helper takes no arch
-            get_ptxas()
-        return ""
-    except Exception as exc:  # noqa: BLE001 -- any failure means: no ptxas to read registers with
-        return f"triton's bundled ptxas is not usable here: {type(exc).__name__}: {exc}"
 
 
 def _launched_kernels() -> set[tuple[str, str]]:
@@ -429,7 +334,7 @@ def test_ptxas_parser_reads_the_entry_function() -> None:
         ptxas_stats(log, "absent_kernel")
 
 
-@pytest.mark.skipif(bool(_ptxas_available()), reason=_ptxas_available() or "ptxas available")
+@pytest.mark.skipif(bool(ptxas_reason()), reason=ptxas_reason() or "ptxas available")
 def test_kernels_compile_for_sm90_and_sm80() -> None:
     rows = compile_all()
     print("\n" + format_table(rows))

@@ -202,12 +202,6 @@ def test_wrapper_gate_soft_gradients_on_cpu(cpu_standin_ops, scope):
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def ext():
-    why = cuda_backend.extension_reason()
-    if why is not None:
-        pytest.skip(why)
-    return True
 
 
 def _to(c: Case, device=None, dtype=None) -> Case:

@@ -11,17 +11,7 @@ import torch
 from lrp_cases import Case, assert_matches_reference, dense_lrp, make_case, with_
 
 import pclr
-from pclr.backends import cuda as cuda_backend
 from pclr.options import DECODE_MAX_TOKENS
-
-
-@pytest.fixture
-def ext():
-    why = cuda_backend.extension_reason()
-    if why is not None:
-        pytest.skip(why)
-    return True
-
 
 # R = n_s + r around the old limit, and several passes; small d so the reference stays fast
 RANKS = [1023, 1024, 1025, 4095, 4096, 4097, 9000]

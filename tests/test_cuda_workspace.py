@@ -19,7 +19,6 @@ import pytest
 import torch
 from lrp_cases import make_case
 
-from pclr.backends import cuda as cuda_backend
 from pclr.backends import reference
 from pclr.backends.base import LinearInputs, LinearNeeds
 from pclr.backends.cuda import GRAD_WORKSPACE_CAP_BYTES, TILE_N, GradWorkspacePlan, grad_workspace_plan
@@ -121,12 +120,6 @@ def test_python_plan_is_the_cpp_plan(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def ext():
-    why = cuda_backend.extension_reason()
-    if why is not None:
-        pytest.skip(why)
-    return True
 
 
 def _backward(c, grad_out, cap: int):

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from lrp_cases import make_case
-from test_compile_targets import _ptxas_available
+from test_triton_prefill import _inputs, _packed
 
 from pclr import dispatch
 from pclr.backends import reference
-from pclr.backends.base import LinearInputs, LinearNeeds
+from pclr.backends.base import LinearNeeds
+from pclr.backends.triton.compile_stats import ptxas_reason
 from pclr.backends.triton.segments import tile_block_m
 from pclr.bench.work import WorkCounter
 
@@ -35,22 +36,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parent.parent
 NEEDS_X = LinearNeeds(x=True, A_m=False, B_m=False, val=False, A_s=False, B_s=False)
 NEEDS_ALL = LinearNeeds(x=True, A_m=True, B_m=True, val=True, A_s=True, B_s=True)
-
-
-def _packed(c):
-    """(x [T, d_in], sample_of_token int32 [T], padded_len) as pclr.functional hands them to a backend."""
-    if c.sot is None:
-        B, L, d = c.x.shape
-        sot = torch.arange(B, dtype=torch.int32, device=c.x.device).repeat_interleave(L)
-        return c.x.reshape(B * L, d), sot, L
-    return c.x, c.sot.to(torch.int32), 0
-
-
-def _inputs(c) -> LinearInputs:
-    x, sot, padded_len = _packed(c)
-    return LinearInputs(x=x, weight=c.weight, bias=c.bias, A_m=c.A_m, B_m=c.B_m, idx=c.idx, val=c.val, A_s=c.A_s,
-                        B_s=c.B_s, beta_m=c.beta_m, beta_s=c.beta_s, sample_of_token=sot, trainable=c.trainable,
-                        padded_len=padded_len, deterministic=True)
 
 
 def _tiles(c):
@@ -237,13 +222,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 sys.path.insert(0, "tests")
 import test_compile_targets as ct
+from pclr.backends.triton.compile_stats import LaunchSpec, signature
 for e in ct.registry():
     if e.fn != "kext_gemm_tma_kernel":
         continue
     fn = getattr(importlib.import_module("pclr.kernels." + e.module), e.fn)
     meta, warps, stages = e.configs[0]
     consts = {**e.consts, **meta}
-    sig, attrs = ct._signature(fn, e, consts)
+    sig, attrs = signature(fn, LaunchSpec(e.name, e.module, e.fn, e.ptrs, e.consts, e.floats, e.extra), consts)
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = k.asm["ptx"]
@@ -254,7 +240,7 @@ for e in ct.registry():
 def test_sm90_build_loads_tiles_with_tma():
     """The sm_90 build of both GEMMs (y and dX) copies its X and W boxes with TMA (cp.async.bulk.tensor) and
     multiplies with wgmma. Compiled in a subprocess: this session's kernels are the interpreter's."""
-    why = _ptxas_available()
+    why = ptxas_reason()
     if why:
         pytest.skip(why)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

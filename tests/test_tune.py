@@ -15,26 +15,12 @@ import torch
 import triton
 
 from pclr.backends.triton import configs, pinned, prefill
-from pclr.backends.triton.compile_stats import SMEM_LIMIT, LaunchSpec, compile_rows, violation
+from pclr.backends.triton.compile_stats import SMEM_LIMIT, LaunchSpec, compile_rows, ptxas_reason, violation
 from pclr.backends.triton.pinned import KERNELS, KernelConfig
 from pclr.cli import main as pclr_main
 from pclr.tune import block_m, candidates, fastest, launch_spec, pick_by_compile, preference
 
-
-def _ptxas_missing() -> str:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        try:
-            get_ptxas(90)
-        except TypeError:  # before Triton 3.7 the helper takes no arch
-            get_ptxas()
-        return ""
-    except Exception as exc:  # noqa: BLE001 -- any failure means: no ptxas to read registers with
-        return f"triton's bundled ptxas is not usable here: {type(exc).__name__}: {exc}"
-
-
-needs_ptxas = pytest.mark.skipif(bool(_ptxas_missing()), reason=_ptxas_missing() or "ptxas available")
+needs_ptxas = pytest.mark.skipif(bool(ptxas_reason()), reason=ptxas_reason() or "ptxas available")
 
 
 def _table(entries: list[tuple[str, int, int, int]]) -> dict:

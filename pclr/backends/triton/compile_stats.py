@@ -84,6 +84,20 @@ def ptxas_stats(log: str, kernel: str) -> tuple[int, int]:
     return int(regs.group(1)), spills
 
 
+def ptxas_reason() -> str:
+    """Why Triton's bundled ptxas cannot be used here ('' when it can): the compile statistics need it."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            get_ptxas(90)
+        except TypeError:  # before Triton 3.7 the helper takes no arch
+            get_ptxas()
+        return ""
+    except Exception as exc:  # noqa: BLE001 -- any failure means: no ptxas to read registers with
+        return f"triton's bundled ptxas is not usable here: {type(exc).__name__}: {exc}"
+
+
 def config_str(meta: Mapping[str, Any], warps: int, stages: int) -> str:
     """"N=128,K=64 w8 s3": a config as the tables print it."""
     blocks = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in meta.items())

@@ -80,7 +80,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: standardised projector input, repeated caption targets, kind-balanced alignment batches
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,9 @@ class MiniLlavaConfig:
     align_steps: int = 500  # ~0.1 s per step on 2 cores (the projector alone, on stored features)
     align_batch: int = 32
     align_lr: float = 2e-3
+    align_repeat: bool = True  # captions repeated over the grid: a content word is the target of several cells
+    align_balance: bool = True  # each caption kind (scene, sign, digit, book, photo) drawn equally often
+    align_heldout: int = 512  # unseen images the content-word readout is measured on (features cached too)
     # optional LLaVA stage-1 steps afterwards (LM loss, backward through the whole LM: ~1 s+ per step on a CPU)
     lm_align_steps: int = 0
     lm_align_batch: int = 8
@@ -111,7 +114,7 @@ class MiniLlavaConfig:
 PRESETS = {
     "smol": MiniLlavaConfig(),
     "tiny": MiniLlavaConfig(lm="tiny", image_size=64, align_images=64, align_steps=10, align_batch=8,
-                            align_lr=3e-3),
+                            align_lr=3e-3, align_heldout=32),
 }
 
 
@@ -209,7 +212,9 @@ def align(bundle: ModelBundle, cfg: MiniLlavaConfig, progress: bool = True,
     """Embedding-space alignment of the projector (:mod:`pclr.demo.models.alignment`), then ``cfg.lm_align_steps``
     LLaVA stage-1 steps."""
     stats = align_to_embeddings(bundle, n_images=cfg.align_images, steps=cfg.align_steps, batch=cfg.align_batch,
-                                lr=cfg.align_lr, seed=cfg.seed, feature_cache=feature_cache, progress=progress)
+                                lr=cfg.align_lr, seed=cfg.seed, repeat=cfg.align_repeat,
+                                balance=cfg.align_balance, feature_cache=feature_cache, progress=progress,
+                                n_heldout=cfg.align_heldout)
     if cfg.lm_align_steps > 0:
         stats["lm_stage"] = align_lm_loss(bundle, cfg, progress=progress)
     return stats

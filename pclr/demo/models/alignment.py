@@ -13,7 +13,12 @@ stored features (milliseconds per batch).
 Loss per image token (target token t, caption vocabulary V with embeddings e_v):
     CE over V of logits -||x - e_v||² / tau   (the token must be nearest to its own word, not merely close)
   + ||x - e_t||² / mean ||e_v||²              (and land at the embeddings' scale)
-Positions past the caption's end target a filler token ("."), or, with ``repeat``, the caption again.
+Positions past the caption's end target a filler token ("."), or, with ``repeat``, the caption again: a sign's word or
+a digit is then the target of several grid cells, not of one fixed cell that the rendered word may lie far from.
+
+What the LM can read off the result is measured on held-out images after training
+(:mod:`pclr.demo.models.readout`: per content class, the content word as the nearest word of its own token and of
+any token), next to the plain held-out token accuracy.
 """
 from __future__ import annotations
 

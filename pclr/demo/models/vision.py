@@ -71,7 +71,7 @@ class GridProjector(nn.Module):
     The standardisation (``fit_input_scale``: fixed per-channel mean and std of the alignment images' features, kept
     as buffers) matters for reading rendered words: the channels that tell one word from another vary little next to
     the ones that code colour and layout, and a per-token LayerNorm alone leaves them drowned (held-out sign words
-    read off the tokens: ~5 % without it, ~30 % with it, same steps).
+    read off any image token after 500 alignment steps: 9 % without it, 31 % with it).
     The mixing gives every output token global context: a CNN cell sees mostly its own region, but the caption word
     a token is aligned to (the sign's word, the digit) may be drawn anywhere in the image. Initialised as identity
     mixing (each token its own cell), it learns how much of the other cells each position reads.

@@ -23,6 +23,7 @@ any token), next to the plain held-out token accuracy.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,7 +128,8 @@ def align_to_embeddings(bundle: Any, *, n_images: int, steps: int, batch: int, l
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 5%
         opt, lambda s: (s + 1) / warm if s < warm else max(0.05, 1 - (s - warm) / max(1, steps - warm)))
     kinds = [caption_kind(text) for _, text in pairs]
-    weight = torch.tensor([1.0 / kinds.count(k) if balance else 1.0 for k in kinds])  # per image
+    per_kind = Counter(kinds)
+    weight = torch.tensor([1.0 / per_kind[k] if balance else 1.0 for k in kinds])  # per image
     gen = torch.Generator().manual_seed(seed)
     projector.train()
     t_train = time.perf_counter()

@@ -52,3 +52,26 @@ def test_tower_caches_per_image_and_projector_shapes():
     assert not tower.net.training  # BatchNorm keeps its running statistics
     proj = GridProjector(1280, 32, 4)
     assert proj(first).shape == (3, 4, 32)
+
+
+def test_grid_projector_standardises_its_input_and_mixes_positions():
+    torch.manual_seed(0)
+    proj = GridProjector(12, 8, 4)
+    feats = torch.randn(5, 4, 12) * torch.linspace(0.1, 10, 12) + 3.0  # channels on very different scales
+    proj.fit_input_scale(feats)
+    z = (feats - proj.input_mean) / proj.input_std
+    torch.testing.assert_close(z.reshape(-1, 12).mean(0), torch.zeros(12), rtol=0, atol=1e-5)
+    assert set(proj.state_dict()) >= {"input_mean", "input_std"}  # saved and loaded with the projector
+    assert proj(feats).shape == (5, 4, 8)
+    with pytest.raises(ValueError, match="d_in"):
+        proj.fit_input_scale(torch.randn(3, 4, 7))
+
+    def other_cells_grad(p: GridProjector) -> float:  # d out[token 0] / d x[tokens 1..3]
+        x = feats[:1].clone().requires_grad_(True)
+        p(x)[0, 0].sum().backward()
+        return float(x.grad[0, 1:].abs().sum())
+
+    assert other_cells_grad(proj) == 0.0  # identity mixing at initialisation: each token reads its own cell
+    with torch.no_grad():  # a mixing with off-diagonal weight, as alignment learns: global context
+        proj.mix.weight.add_(0.1)
+    assert other_cells_grad(proj) > 0.0

@@ -7,6 +7,7 @@ from the pool the ImageNet task's test split never uses.
 from __future__ import annotations
 
 import random
+import re
 
 from pclr.demo.data import scenes
 from pclr.demo.data.coin_mini import BOOK_TITLES, DIGIT_TEST_EVERY, GENRES, NUMBER_WORDS, SIGN_WORDS
@@ -120,3 +121,38 @@ def word_captions(n: int, seed: int, size: int) -> list[tuple]:
     """``n`` (image, terse caption) pairs from the alignment's own seed stream."""
     rng = random.Random(f"pclr-align-words-{seed}")
     return [word_caption(rng, size) for _ in range(n)]
+
+
+CONTENT_CLASSES = ("sign", "digit", "colour", "shape")
+CAPTION_KINDS = ("scene", "sign", "digit", "book", "photo")
+
+
+def caption_kind(text: str) -> str:
+    """Which of ``CAPTION_KINDS`` a terse caption written by :func:`word_caption` describes."""
+    if text.startswith("sign: "):
+        return "sign"
+    if text.startswith("digit "):
+        return "digit"
+    if "book:" in text:
+        return "book"
+    return "photo" if text == "dark blurry photo" else "scene"
+
+
+def content_words(text: str) -> list[tuple[str, str, int]]:
+    """(class, word, character offset) of each content word of a terse caption written by :func:`word_caption`.
+
+    Classes (``CONTENT_CLASSES``): the sign's word, the digit's number word, and the colour and shape words of a
+    scene. Book captions and photo-quality captions have none.
+    """
+    kind = caption_kind(text)
+    if kind in ("sign", "digit"):
+        return [(kind, text[6:], 6)]
+    if kind != "scene":
+        return []
+    out = []
+    for m in re.finditer(r"[a-z]+", text):
+        if m.group() in COLOURS:
+            out.append(("colour", m.group(), m.start()))
+        elif m.group() in SHAPES:
+            out.append(("shape", m.group(), m.start()))
+    return out

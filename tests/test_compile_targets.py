@@ -48,6 +48,7 @@ from pclr.backends.triton.compile_stats import (
     ptxas_stats,
     violation,
 )
+from pclr.backends.triton.configs import next_pow2
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = (90, 80)
@@ -85,10 +86,6 @@ class Entry:
     floats: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # scalar args whose type is not i32
     archs: tuple[int, ...] = ARCHS  # the architectures it is compiled for (a pinned table: its own only)
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 def _acc_per_thread(cfg: Any, block_m: int, block_r: int) -> int:
@@ -140,8 +137,8 @@ def registry() -> list[Entry]:
 
     t = TARGET
     R = t["n_s"] + t["r"]
-    br = max(16, _pow2(R))
-    bm = min(128, max(16, _pow2(-(-t["T"] // t["B"]))))
+    br = max(16, next_pow2(R))
+    bm = min(128, max(16, next_pow2(-(-t["T"] // t["B"]))))
     f32 = tl.float32
     bf = "*bf16"
     tiles = {"TOK": "*i32", "TILE_SAMPLE": "*i32", "TILE_START": "*i32", "TILE_END": "*i32"}
@@ -155,7 +152,7 @@ def registry() -> list[Entry]:
         Entry("gate_topr", "gate", "gate_topr_kernel", "default",
               {"S": "*fp32", "CAND": "*i8", "IDX": "*i32", "VAL": "*fp32"},
               {"HAS_CAND": True, "BATCH": False, "SOFT": True},
-              [({"BLOCK_N": _pow2(t["n"]), "BLOCK_R": _pow2(t["r"])}, 4 if _pow2(t["n"]) <= 1024 else 8, 3)]),
+              [({"BLOCK_N": next_pow2(t["n"]), "BLOCK_R": next_pow2(t["r"])}, 4 if next_pow2(t["n"]) <= 1024 else 8, 3)]),
     ]
 
     # --- extended prefill / training: every config of every pinned table (pclr.backends.triton.pinned), compiled
@@ -230,7 +227,7 @@ def registry() -> list[Entry]:
     for tag, n_keys in (("", t["n"]), (f"[n={MAX_ONE_PASS_N}]", MAX_ONE_PASS_N)):
         out.append(Entry(
             f"lrp_one_pass{tag}", "lrp_fwd", "lrp_one_pass_kernel", "comparison", one_pass_ptrs,
-            {**one_pass_consts, "BLOCK_NK": max(16, _pow2(n_keys)), "BLOCK_D": gate_block_d(n_keys)},
+            {**one_pass_consts, "BLOCK_NK": max(16, next_pow2(n_keys)), "BLOCK_D": gate_block_d(n_keys)},
             _kept("one_pass", bm, br), floats=("w1", "w2", "beta_m", "beta_s")))
     return out
 

@@ -25,7 +25,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_tiny_run_end_to_end_and_refusals(cache, capsys):
     out = cache / "run"
-    common = ["--preset", "tiny", "--tasks", "ScienceQA,VQAv2", "--methods", "lora,pclr", "--no-progress"]
+    common = ["--preset", "tiny", "--tasks", "ScienceQA,VQAv2", "--methods", "lora,pclr", "--no-progress", "--jobs", "1"]
     assert run_main(_args(*common, "--output", str(out))) == 0
     for f in ("report.md", "metrics.json", "accuracy_matrices.png", "forgetting.png", "run.json"):
         assert (out / f).is_file(), f

@@ -17,7 +17,7 @@ from pclr.bench import cli as bench
 from pclr.cil.trainer import CILTrainer
 from pclr.demo.experiment import add_eval_arguments, add_run_arguments, eval_main, run_main
 
-TINY = ["--preset", "tiny", "--tasks", "ScienceQA,VQAv2", "--methods", "lora,pclr", "--no-progress"]
+TINY = ["--preset", "tiny", "--tasks", "ScienceQA,VQAv2", "--methods", "lora,pclr", "--no-progress", "--jobs", "1"]
 # the figures of the report that do not depend on the clock or the machine
 FIGURES = ("matrix", "new_acc", "avg_acc", "forgetting", "bwt", "trainable_params_per_task", "stored_lrp_params",
            "experts")
@@ -114,7 +114,8 @@ def test_resume_command_is_quoted_and_complete(cache, monkeypatch, capsys):
     cmd = shlex.split(line)
     assert cmd[:2] == ["pclr", "run"] and "--resume" in cmd
     again = _args(*cmd[2:])
-    for opt in ("output", "data_dir", "cache_dir", "seed", "schedule", "methods", "tasks", "preset", "no_progress"):
+    for opt in ("output", "data_dir", "cache_dir", "seed", "schedule", "methods", "tasks", "preset", "no_progress",
+                "jobs"):
         assert str(getattr(again, opt)) == str(getattr(_args(*argv), opt)), opt
 
 

@@ -23,6 +23,7 @@ from pclr.cil.data import load_coin_json
 from pclr.cil.metrics import summarize
 from pclr.cil.records import stored_lrp_params
 from pclr.cil.trainer import CILTrainer
+from pclr.demo import parallel
 from pclr.demo.data.coin_mini import VERSION, generate, task_baselines
 from pclr.demo.joint import joint_config, union_task
 from pclr.demo.models.smol import build_mini_llava, inject_top_layers
@@ -123,25 +124,99 @@ def _check_checkpoint(trainer, out: Path, method: str) -> None:
                          f"{type(e).__name__}: {e}") from None
 
 
-def single_task_lora(bundle, ident: dict, out: Path, progress: bool, tasks, device: str, resume: bool = False,
+def single_task_unit(bundle, ident: dict, out: Path, progress: bool, task, device: str, resume: bool = False,
                      overwrite: bool = False) -> dict:
-    """Each task learnt alone by a fresh LoRA (the same rank, steps and data as in the sequence): the accuracy a
-    model reaches on the task, and the per-task-adapter reference with an oracle task id (isolation: every task
-    served by its own adapter). A resumed run takes the tasks already learnt from their checkpoints.
+    """``task`` learnt alone by a fresh LoRA (the same rank, steps and data as in the sequence): the accuracy a model
+    reaches on the task, and its share of the per-task-adapter reference with an oracle task id (isolation: every
+    task served by its own adapter). A resumed run takes a task already learnt from its checkpoint.
 
-    Returns {"accuracy": {task: acc}, "trainable": {task: params}, "stored": {task: params of its adapter},
-    "learn_steps": {task: optimizer steps}, "wall_seconds": total}."""
-    out_ = {"accuracy": {}, "trainable": {}, "stored": {}, "learn_steps": {}, "wall_seconds": 0.0}
-    for task in tasks:
-        trainer = _make_trainer(bundle, ident, "lora", out / "single-task" / task.name, progress, [task], device)
-        a = out_["accuracy"][task.name] = trainer.run(resume=resume, overwrite=overwrite).matrix[0][0]
-        out_["trainable"][task.name] = max(trainer.records.trainable_per_task().values())
-        out_["stored"][task.name] = _stored_params(trainer)
-        out_["learn_steps"][task.name] = steps_of(trainer.records, 1)["learn"][0]
-        out_["wall_seconds"] += trainer.records.wall_seconds
-        print(f"   single-task LoRA {task.name}: {a:.1f}", flush=True)
-        del trainer
+    Returns {"task", "accuracy", "trainable", "stored" (params of its adapter), "learn_steps", "wall_seconds"}."""
+    trainer = _make_trainer(bundle, ident, "lora", out / "single-task" / task.name, progress, [task], device)
+    a = trainer.run(resume=resume, overwrite=overwrite).matrix[0][0]
+    return {"task": task.name, "accuracy": a, "trainable": max(trainer.records.trainable_per_task().values()),
+            "stored": _stored_params(trainer), "learn_steps": steps_of(trainer.records, 1)["learn"][0],
+            "wall_seconds": trainer.records.wall_seconds}
+
+
+def method_unit(bundle, ident: dict, method: str, out: Path, progress: bool, tasks, device: str,
+                resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``method`` on ``tasks`` (in order, or "joint": their union) and evaluate it.
+
+    Returns {"method", "row" (its line of the comparison), "steps" (the sequential trainers' optimizer steps per
+    phase, None for joint), "joint_steps" (joint's, else None), "earlier_seconds" (wall time of phases finished in
+    earlier sessions of a resumed run)}."""
+    trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
+    earlier = 0.0
+    if resume:
+        _check_checkpoint(trainer, out, method)
+        earlier = trainer.records.wall_seconds
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    res = trainer.run(resume=resume, overwrite=overwrite)
+    wall = trainer.records.wall_seconds
+    trainable = trainer.records.trainable_per_task()
+    row = {"label": METHOD_LABELS[method]}
+    steps = joint_steps = None
+    if method == "joint":
+        final = _joint_accuracies(trainer, tasks, device)
+        joint_steps = steps_of(trainer.records, 1)["learn"][0]
+        # no sequence: nothing to forget, no accuracy right after each task
+        row.update({"final": final, "matrix": None, "new_acc": None, "avg_acc": sum(final) / len(final),
+                    "forgetting": None, "bwt": None, "learn_steps": joint_steps})
+    else:
+        steps = steps_of(trainer.records, len(tasks))
+        row.update({"matrix": res.matrix, **summarize(res.matrix), "learn_steps_per_task": steps["learn"],
+                    "integration_steps": sum(steps["integrate"])})
+    row.update({"trainable_params_per_task": max(trainable.values()) if trainable else None,
+                "stored_lrp_params": _stored_params(trainer),
+                "peak_memory_mb": round(_peak_memory_mb(device), 1),
+                "wall_seconds": round(wall, 1), "experts": res.extra.get("experts") if res.extra else None})
+    return {"method": method, "row": row, "steps": steps, "joint_steps": joint_steps, "earlier_seconds": earlier}
+
+
+def single_task_lora(units: list[dict]) -> dict:
+    """The single-task units of a run gathered: {"accuracy", "trainable", "stored", "learn_steps": {task: ...},
+    "wall_seconds": total}."""
+    out_: dict = {"accuracy": {}, "trainable": {}, "stored": {}, "learn_steps": {}, "wall_seconds": 0.0}
+    for u in units:
+        for k in ("accuracy", "trainable", "stored", "learn_steps"):
+            out_[k][u["task"]] = u[k]
+        out_["wall_seconds"] += u["wall_seconds"]
     return out_
+
+
+def _print_method(u: dict, header: bool = True) -> None:
+    row = u["row"]
+    f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    if header:
+        print(f"== {row['label']} ==", flush=True)
+    print(f"   New.ACC {f(row['new_acc'])}  Avg.ACC {f(row['avg_acc'])}  "
+          f"Forgetting {f(row['forgetting'])}  BWT {f(row['bwt'])}  ({row['wall_seconds']:.0f} s)", flush=True)
+
+
+def _run_units(args, ident: dict, out: Path, device: str, resume: bool, bundle, tasks) -> tuple[list, list]:
+    """Every single-task unit, then every method: in this process, or in ``--jobs`` worker processes."""
+    progress, overwrite = not args.no_progress, getattr(args, "overwrite", False)
+    single_units = list(range(len(tasks))) if ident["sizes"].get("single_task") else []
+    jobs = parallel.resolve_jobs(getattr(args, "jobs", None), device)
+    if jobs > 1:
+        return parallel.run_units(args, ident, out, device, resume, bundle, tasks, single_units,
+                                  list(ident["methods"]), jobs, on_single=_print_single, on_method=_print_method)
+    singles, methods = [], []
+    if single_units:
+        print("== single-task LoRA (each task alone) ==", flush=True)
+    for k in single_units:
+        singles.append(single_task_unit(bundle, ident, out, progress, tasks[k], device, resume, overwrite))
+        _print_single(singles[-1])
+    for method in ident["methods"]:
+        print(f"== {METHOD_LABELS[method]} ==", flush=True)
+        methods.append(method_unit(bundle, ident, method, out, progress, tasks, device, resume, overwrite))
+        _print_method(methods[-1], header=False)
+    return singles, methods
+
+
+def _print_single(u: dict) -> None:
+    print(f"   single-task LoRA {u['task']}: {u['accuracy']:.1f}", flush=True)
 
 
 def _oracle_row(single: dict, task_names: list[str]) -> dict:
@@ -190,12 +265,11 @@ def run_seed(args: argparse.Namespace, ident: dict, out: Path, device: str, resu
     trainable counts and optimizer steps of phases finished before the interruption, and its wall times are summed
     over every session (total = this session's time + the finished phases of earlier sessions)."""
     t_start = time.perf_counter()
-    progress = not args.no_progress
-    overwrite = getattr(args, "overwrite", False)
     torch.manual_seed(ident["seed"])
     tasks, data = _tasks(ident, _data_root(args, ident))
-    print(f"CoIN-mini: {len(tasks)} tasks, {ident['sizes']['n_train']} train / {ident['sizes']['n_test']} test "
-          f"each ({'generated' if data.generated else 'cached'} at {data.root})", flush=True)
+    sizes = ", ".join(f"{n} {f.n_train}" for n, f in data.tasks.items())
+    print(f"CoIN-mini: {len(tasks)} tasks, {ident['sizes']['n_test']} test samples each, train samples: {sizes} "
+          f"({'generated' if data.generated else 'cached'} at {data.root})", flush=True)
     bundle = _build(ident, args, device)
     al = bundle.info.get("alignment", {})
     print(f"model: {bundle.info['name']} ({bundle.info['language_model']}); vision alignment "
@@ -207,47 +281,22 @@ def run_seed(args: argparse.Namespace, ident: dict, out: Path, device: str, resu
     for name, f in data.tasks.items():
         per_task[name] = dict(task_baselines(f))
     steps: dict[str, dict[str, list[int]]] = {}  # the sequential trainers' optimizer steps
-    if ident["sizes"].get("single_task"):
-        print("== single-task LoRA (each task alone) ==", flush=True)
-        single = single_task_lora(bundle, ident, out, progress, tasks, device, resume=resume, overwrite=overwrite)
+    singles, units = _run_units(args, ident, out, device, resume, bundle, tasks)
+    if singles:
+        single = single_task_lora(singles)
         for name, a in single["accuracy"].items():
             per_task[name]["single_task_lora"] = a
         metrics["references"][ORACLE_ROW] = _oracle_row(single, ident["tasks"])
         steps[ORACLE_ROW] = {"learn": metrics["references"][ORACLE_ROW]["learn_steps_per_task"],
                              "integrate": [0] * len(tasks)}
     joint_steps = None
-    for method in ident["methods"]:
-        trainer = _make_trainer(bundle, ident, method, out, progress, tasks, device)
-        if resume:
-            _check_checkpoint(trainer, out, method)
-            earlier_sessions += trainer.records.wall_seconds
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        print(f"== {METHOD_LABELS[method]} ==", flush=True)
-        res = trainer.run(resume=resume, overwrite=overwrite)
-        wall = trainer.records.wall_seconds
-        trainable = trainer.records.trainable_per_task()
-        row = {"label": METHOD_LABELS[method]}
-        if method == "joint":
-            final = _joint_accuracies(trainer, tasks, device)
-            joint_steps = steps_of(trainer.records, 1)["learn"][0]
-            # no sequence: nothing to forget, no accuracy right after each task
-            row.update({"final": final, "matrix": None, "new_acc": None, "avg_acc": sum(final) / len(final),
-                        "forgetting": None, "bwt": None, "learn_steps": joint_steps})
-        else:
-            steps[method] = steps_of(trainer.records, len(tasks))
-            row.update({"matrix": res.matrix, **summarize(res.matrix),
-                        "learn_steps_per_task": steps[method]["learn"],
-                        "integration_steps": sum(steps[method]["integrate"])})
-        row.update({"trainable_params_per_task": max(trainable.values()) if trainable else None,
-                    "stored_lrp_params": _stored_params(trainer),
-                    "peak_memory_mb": round(_peak_memory_mb(device), 1),
-                    "wall_seconds": round(wall, 1), "experts": res.extra.get("experts") if res.extra else None})
-        metrics["methods"][method] = row
-        f = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
-        print(f"   New.ACC {f(row['new_acc'])}  Avg.ACC {f(row['avg_acc'])}  Forgetting {f(row['forgetting'])}  "
-              f"BWT {f(row['bwt'])}  ({wall:.0f} s)", flush=True)
-        del trainer
+    for u in units:
+        metrics["methods"][u["method"]] = u["row"]
+        earlier_sessions += u["earlier_seconds"]
+        if u["steps"] is not None:
+            steps[u["method"]] = u["steps"]
+        if u["joint_steps"] is not None:
+            joint_steps = u["joint_steps"]
     cfg, _ = cil_config(ident, "lora", progress=False)
     expected = [learn_steps(cfg, len(load_coin_json(t.train))) for t in tasks]
     metrics["optimizer_steps"] = check_equal_steps(steps, joint_steps, expected)

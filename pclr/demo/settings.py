@@ -38,7 +38,7 @@ class Preset:
     tasks: tuple[str, ...] = ()  # empty = all eight CoIN-mini tasks
     n_train: int = 80
     n_test: int = 60
-    lrp_layers: int = 6
+    lrp_layers: int = 4
     # experts chosen per sample = experts PCLR adds per task (budget // 4 under "auto") = LoRA's rank: every method
     # applies the same rank to each sample
     r: int = 8
@@ -46,7 +46,7 @@ class Preset:
     n_shared: int = 8
     alpha: float = 16.0
     epochs: float = 2.0
-    batch_size: int = 8
+    batch_size: int = 4
     lr: float = 5e-3
     integration_steps: Optional[int] = 6
     eval_batch_size: int = 32
@@ -67,7 +67,7 @@ PRESETS: dict[str, Preset] = {
     # 2-core CPU, <= 15 min for 3 methods x 8 tasks (see pclr/demo/models/smol.py for the plan and timings)
     "default": Preset(),
     # <= 3 min on 2 CPU cores (model cached): same 8 tasks and methods, fewer samples/steps
-    "quick": Preset(n_train=24, n_test=16, lrp_layers=4, integration_steps=3),
+    "quick": Preset(n_train=24, n_test=16, lrp_layers=4, batch_size=8, integration_steps=3),
     # a GPU: LRP in every layer, bigger sets, several epochs
     "full": Preset(n_train=1000, n_test=500, lrp_layers=30, r=16, budget=64, n_shared=16, alpha=32.0, epochs=3.0,
                    lr=5e-4, integration_steps=None, integration_lr=None, eval_batch_size=64, eval_mode="generate"),

@@ -25,22 +25,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton.language as tl
+import triton
 from torch import Tensor
 
-from pclr.backends.triton.configs import INTERPRET
+from pclr.backends.triton.configs import INTERPRET, acc_types, next_pow2
 from pclr.backends.triton.phases import phase_counters, phase_grid
 from pclr.kernels import lrp_decode
 
 DECODE_MAX_T = 64  # all tokens of the batch live in one BLOCK_T tile
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 def _prev_pow2(v: int) -> int:
@@ -70,7 +62,7 @@ class DecodeConfig:
 
     def grid(self, rows: int, d_out: int) -> tuple[int]:
         """(shrink programs: row chunks × d_in slices, lowest ids) + (expand programs: output tiles)."""
-        return phase_grid(_cdiv(rows, self.block_j) * self.split, _cdiv(d_out, self.block_n))
+        return phase_grid(triton.cdiv(rows, self.block_j) * self.split, triton.cdiv(d_out, self.block_n))
 
 
 def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> DecodeConfig:
@@ -87,12 +79,12 @@ def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> Deco
     """
     if not 1 <= T <= DECODE_MAX_T:
         raise ValueError(f"decode takes 1..{DECODE_MAX_T} tokens, got T = {T}")
-    block_t = max(16, _next_pow2(T))
-    block_j = min(32, max(16, _next_pow2(rows)))
+    block_t = max(16, next_pow2(T))
+    block_j = min(32, max(16, next_pow2(rows)))
     block_k = 32  # with 8 warps: no spills on sm_80/sm_90 up to T = 64 (tests/test_compile_targets.py)
     split = max(1, min(8, d_in // 1024))
-    k_per_split = _cdiv(_cdiv(d_in, split), block_k) * block_k  # a multiple of block_k
-    split = _cdiv(d_in, k_per_split)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split), block_k) * block_k  # a multiple of block_k
+    split = triton.cdiv(d_in, k_per_split)
     block_n = min(128, max(16, _prev_pow2(d_out // 128)))
     expand_block_k = 128 if block_t <= 16 else 64  # x tile [block_t, K step] + W tile: no spills up to T = 64
     block_u = 16  # the usage test holds a [block_j, block_u] tile
@@ -100,13 +92,6 @@ def decode_config(T: int, d_in: int, d_out: int, rows: int, routes: int) -> Deco
     num_warps = 8 if block_t >= 32 else 4  # sm_90, T = 64: the expand phase takes 155 registers at 8 warps, 254 at 4
     return DecodeConfig(block_t, block_j, expand_block_j, split, k_per_split, block_k, block_n, expand_block_k,
                         block_u, num_warps)
-
-
-def _acc(dtype: torch.dtype):
-    """Accumulation dtype (torch, triton): fp32, or fp64 for fp64 inputs (the CPU interpreter only)."""
-    if dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
 
 
 def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, B_m: Tensor, idx: Tensor,
@@ -137,7 +122,7 @@ def decode_forward(x: Tensor, weight: Tensor, bias: Tensor | None, A_m: Tensor, 
     if T == 0 or rows == 0 or (B * r == 0 and n_s == 0) or d_in == 0:
         return F.linear(x, weight, bias)  # no low-rank term to add (or nothing to stream)
     cfg = decode_config(T, d_in, d_out, rows, B * r)
-    acc_t, acc = _acc(x.dtype)
+    acc_t, acc = acc_types(x.dtype)
     x = x.contiguous()
     weight = weight.contiguous()
     idx = idx.to(torch.int32).contiguous()

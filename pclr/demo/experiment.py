@@ -71,7 +71,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "generated locally): trains each method on the tasks in order, evaluates every seen task after each one, "
         "and writes a comparison report.")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="Experiment size: default (2-core CPU, ~15 min), quick (~3 min), full (GPU), "
+                        help="Experiment size: default (2-core CPU: ~12 min with the model cached, ~14 from "
+                             "scratch), quick (~3 min), full (GPU), "
                              "tiny (random tiny model, tests). Default: %(default)s.")
     parser.add_argument("--methods", default=None,
                         help="Comma-separated methods among lora, lora_lwf, pclr, pclr_lwf, joint (one LoRA "

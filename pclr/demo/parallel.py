@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from pclr.cil.data import CoINCollator, CoINDataset
 from pclr.cil.evaluation import split_to
@@ -46,7 +47,7 @@ def _prefix_cache(bundle: Any) -> Optional[dict]:
 
 
 @torch.no_grad()
-def warm_prefix(bundle: Any, tasks: list, device: str) -> int:
+def warm_prefix(bundle: Any, tasks: list, device: str, progress: bool = False) -> int:
     """Run every train and test sample of ``tasks`` through the model once, so that the prefix cache holds the
     frozen bottom of each; returns the number of cached rows (0 when the model has no prefix cache)."""
     cache = _prefix_cache(bundle)
@@ -54,13 +55,15 @@ def warm_prefix(bundle: Any, tasks: list, device: str) -> int:
         return 0
     collate = CoINCollator(bundle, mode="train")
     bundle.model.eval()
-    for task in tasks:
-        for source in (task.train, task.test):
-            data = CoINDataset(source, task.image_root)
-            samples = [data[i] for i in range(len(data))]
-            for i in range(0, len(samples), WARM_BATCH):
-                model_in, _ = split_to(collate(samples[i: i + WARM_BATCH]), device)
-                bundle.model(**model_in, logits_to_keep=1)
+    samples = [s for task in tasks for source in (task.train, task.test)
+               for s in CoINDataset(source, task.image_root)]
+    with tqdm(total=len(samples), desc="frozen bottom, once per example", unit="ex", disable=not progress,
+              leave=False) as bar:
+        for i in range(0, len(samples), WARM_BATCH):
+            batch = samples[i: i + WARM_BATCH]
+            model_in, _ = split_to(collate(batch), device)
+            bundle.model(**model_in, logits_to_keep=1)
+            bar.update(len(batch))
     return len(cache)
 
 
@@ -100,7 +103,7 @@ def run_units(args: argparse.Namespace, ident: dict, out: Path, device: str, res
     task order, method results in ``methods`` order). The methods go first (the longest units first keeps the
     workers evenly loaded), each printed as it finishes."""
     overwrite = getattr(args, "overwrite", False)
-    n = warm_prefix(bundle, tasks, device)
+    n = warm_prefix(bundle, tasks, device, progress=not args.no_progress)
     print(f"== {len(methods)} method(s) and {len(single_units)} single-task LoRA(s) in {jobs} worker processes "
           f"({CORES_PER_JOB} thread each; frozen bottom of {n} samples computed once) ==", flush=True)
     with tempfile.TemporaryDirectory(prefix="pclr-prefix-") as tmp:

@@ -17,8 +17,9 @@ from pclr.demo.data.coin_mini import difference_halfwidth, wilson_interval
 EVAL_NOTES = {
     "forced": "one teacher-forced forward per batch; a sample is correct iff the argmax at every answer position "
               "(end token included) is the gold token, i.e. iff greedy decoding returns the gold answer verbatim. "
-              "This is greedy exact match (a lower bound of CoIN's normalised matching); Grounding counts exact "
-              "boxes only (a lower bound of IoU >= 0.5).",
+              "This is greedy exact match (a lower bound of CoIN's normalised matching); CoIN-mini's Grounding "
+              "answers a 3x3-grid cell, so exact match is its natural score (a task scored by box IoU would count "
+              "exact boxes only, a lower bound of IoU >= 0.5).",
     "forced_generate": "teacher-forced greedy exact match; Grounding samples that fail it are generated and scored "
                        "by IoU >= 0.5.",
     "generate": "greedy generation, CoIN scoring (normalised exact match, option letter, IoU >= 0.5).",

@@ -38,6 +38,7 @@ class Preset:
     tasks: tuple[str, ...] = ()  # empty = all eight CoIN-mini tasks
     n_train: int = 80
     n_test: int = 60
+    # LRP in the top 4 decoder layers: the 26 below are frozen and run once per example (the prefix cache)
     lrp_layers: int = 4
     # experts chosen per sample = experts PCLR adds per task (budget // 4 under "auto") = LoRA's rank: every method
     # applies the same rank to each sample
@@ -50,9 +51,9 @@ class Preset:
     lr: float = 5e-3
     integration_steps: Optional[int] = 6
     eval_batch_size: int = 32
-    max_new_tokens: int = 24  # a grounding box "[0.12,0.34,0.56,0.78]" is ~22 SmolLM2 tokens
+    max_new_tokens: int = 24  # generate mode only: the longest answers (titles, grid cells) take a few tokens
     # CILConfig.eval_mode: "forced" = one teacher-forced forward per batch instead of a generate loop (greedy
-    # exact-match verdict; Grounding then counts exact boxes only, a lower bound of IoU >= 0.5)
+    # exact-match verdict; CoIN-mini's Grounding answers a grid cell, scored exactly)
     eval_mode: str = "forced"
     compression: str = "index"  # the reference rule (drop every k-th expert: each task loses evenly)
     integration_lr: Optional[float] = 1e-3  # QKLD at the learning rate of learning overshoots (the KL rises)
@@ -64,7 +65,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2-core CPU, <= 15 min for 3 methods x 8 tasks (see pclr/demo/models/smol.py for the plan and timings)
+    # 2-core CPU, <= 15 min from a fresh cache for 4 methods + 8 single-task LoRAs x 8 tasks (see
+    # pclr/demo/models/smol.py for the plan and timings); training sets are n_train scaled per task
     "default": Preset(),
     # <= 3 min on 2 CPU cores (model cached): same 8 tasks and methods, fewer samples/steps
     "quick": Preset(n_train=24, n_test=16, lrp_layers=4, batch_size=8, integration_steps=3),

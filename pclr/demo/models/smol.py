@@ -21,16 +21,19 @@ adds LLaVA stage-1 steps with the LM loss (a backward pass through all 30 layers
 dequantised LM, its tokenizer and the projector are cached under ``<cache>/models/<config hash>/``; later builds load
 them in seconds. ``ModelBundle.info["alignment"]`` says what ran and whether it ran now or was loaded.
 
-CPU plan (2 cores; ``pclr run`` default must finish in 15 min for 3 methods x 8 tasks, train + eval after each):
+CPU plan (2 cores; ``pclr run`` default must finish in 15 min from a fresh cache: 4 methods and 8 single-task
+LoRAs over 8 tasks, train + eval after each):
   * LRP only in the top ``lrp_layers`` decoder layers (``inject_lrp(..., layers=)``), projector and encoder frozen
     during the continual tasks, so the hidden states entering the first LRP layer are cached per example
     (``pclr.demo.models.prefix_cache``, exact) and shared by all methods: each step runs the top layers only.
   * logits only at answer positions (the 49k-word head over every position costs as much as several layers).
   * evaluation by one teacher-forced forward per batch (``CILConfig.eval_mode="forced"``: the greedy exact-match
     verdict) instead of a generate loop, which would run all 30 layers per new token.
-  measured on the 2-core box, SmolLM2-135M fp32, sequences of ~45-70 tokens: a training step (B=8, top 6 layers,
-  forward + backward) 0.5-0.8 s; bottom 24 layers for one example (once) ~0.1 s; GGUF load ~20 s; encoder features
-  ~40 ms per 128 px image (once).
+  * the methods and single-task LoRAs in two single-threaded worker processes (``pclr.demo.parallel``): one
+    process keeps only about 1.2 of 2 cores busy.
+  measured on the 2-core box, SmolLM2-135M fp32, sequences of ~45-70 tokens: the frozen bottom (26 layers) of the
+  default run's 1200 examples, once, ~150 s; a default run with the model cached ~12 min (the report has each
+  method's wall time); GGUF load ~20 s; encoder features ~40 ms per 128 px image (once).
 """
 from __future__ import annotations
 

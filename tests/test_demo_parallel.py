@@ -48,6 +48,11 @@ def test_two_workers_give_the_same_run_as_one_process(tmp_path, monkeypatch, cap
     ref1, ref2 = one["references"]["per_task_lora"], two["references"]["per_task_lora"]
     assert ref1["learn_steps_per_task"] == ref2["learn_steps_per_task"] and len(ref2["final"]) == 2
     assert {t: set(v) for t, v in one["per_task"].items()} == {t: set(v) for t, v in two["per_task"].items()}
+    # a unit that fails in a worker (a corrupt checkpoint on resume) stops the run with its error, exit 2
+    ckpt = next((tmp_path / "jobs2" / "lora").rglob("*.safetensors"))
+    ckpt.write_bytes(b"not a checkpoint")
+    assert run_main(_args(*COMMON, "--output", str(tmp_path / "jobs2"), "--jobs", "2", "--resume")) == 2
+    assert "corrupt" in capsys.readouterr().err
 
 
 def test_warm_prefix_caches_every_sample_once(tmp_path):

@@ -116,8 +116,9 @@ def run_units(args: argparse.Namespace, ident: dict, out: Path, device: str, res
         pending: dict[Future, tuple[str, Any]] = {}
         singles: dict[int, dict] = {}
         done_methods: dict[str, dict] = {}
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(args, ident, device, prefix_file)) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(args, ident, device, prefix_file))
+        try:
             for m in methods:
                 pending[pool.submit(_run, "method", m, str(out), resume, overwrite)] = ("method", m)
             for k in single_units:
@@ -133,4 +134,10 @@ def run_units(args: argparse.Namespace, ident: dict, out: Path, device: str, res
                     else:
                         done_methods[key] = result
                         on_method(result)
+        except BaseException:
+            # Ctrl-C or a failed unit: the units not started yet are dropped instead of run to the end (each
+            # started unit's trainer has saved its last finished phase; --resume continues from there)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return [singles[k] for k in single_units], [done_methods[m] for m in methods]

@@ -32,7 +32,7 @@ LoRAs over 8 tasks, train + eval after each):
   * the methods and single-task LoRAs in two single-threaded worker processes (``pclr.demo.parallel``): one
     process keeps only about 1.2 of 2 cores busy.
   measured on the 2-core box, SmolLM2-135M fp32, sequences of ~45-70 tokens: the frozen bottom (26 layers) of the
-  default run's 1200 examples, once, ~150 s; a default run with the model cached ~12 min (the report has each
+  default run's 1200 examples, once, roughly 2-2.5 min; a default run with the model cached ~12 min (the report has each
   method's wall time); GGUF load ~20 s; encoder features ~40 ms per 128 px image (once).
 """
 from __future__ import annotations

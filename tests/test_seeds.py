@@ -8,6 +8,7 @@ import json
 import pytest
 
 import pclr.demo.runner as runner
+from pclr.demo.data.coin_mini import train_size
 from pclr.demo.experiment import add_run_arguments, run_main
 from pclr.demo.settings import PRESETS
 
@@ -58,12 +59,14 @@ def test_equal_optimizer_steps_are_recorded(two_seeds):
     for seed in (0, 1):
         m = json.loads((out / f"seed-{seed}" / "metrics.json").read_text())
         lora, pclr, joint = (m["methods"][k] for k in ("lora", "pclr", "joint"))
-        # 8 samples, batch 8, 2 epochs: 2 learning steps per task, the same for every sequential method
-        assert lora["learn_steps_per_task"] == pclr["learn_steps_per_task"] == [2, 2]
-        assert joint["learn_steps"] == 4 and m["optimizer_steps"]["joint_learn_steps"] == 4
-        assert m["optimizer_steps"]["learn_steps_per_task"] == [2, 2]
+        # n_train 8 scaled per task (ScienceQA 16, VQAv2 8), batch 8, 2 epochs: 4 and 2 learning steps, the same for
+        # every sequential method; the joint reference takes their sum
+        assert [train_size(t, 8) for t in ("ScienceQA", "VQAv2")] == [16, 8]
+        assert lora["learn_steps_per_task"] == pclr["learn_steps_per_task"] == [4, 2]
+        assert joint["learn_steps"] == 6 and m["optimizer_steps"]["joint_learn_steps"] == 6
+        assert m["optimizer_steps"]["learn_steps_per_task"] == [4, 2]
         assert lora["stored_lrp_params"] == joint["stored_lrp_params"] < pclr["stored_lrp_params"]
-        assert "2/task" in (out / f"seed-{seed}" / "report.md").read_text()
+        assert "4/2" in (out / f"seed-{seed}" / "report.md").read_text()
 
 
 def test_resume_skips_finished_seeds(two_seeds, monkeypatch):

@@ -75,8 +75,8 @@ PRESETS: dict[str, Preset] = {
                    lr=5e-4, integration_steps=None, integration_lr=None, eval_batch_size=64, eval_mode="generate"),
     # tests: random tiny model, 3 tasks, a handful of steps
     "tiny": Preset(model="tiny", tasks=("ScienceQA", "TextVQA", "VQAv2"), n_train=16, n_test=8, lrp_layers=2,
-                   r=4, budget=16, n_shared=4, alpha=8.0, lr=5e-3, integration_steps=2, eval_batch_size=16,
-                   max_new_tokens=4),
+                   r=4, budget=16, n_shared=4, alpha=8.0, batch_size=8, lr=5e-3, integration_steps=2,
+                   eval_batch_size=16, max_new_tokens=4),
 }
 
 

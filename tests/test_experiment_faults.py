@@ -189,8 +189,11 @@ def test_killed_run_resumes_to_the_same_report(cache, reference, sig):
     the documented one (SIGKILL)."""
     env = {**os.environ}
     out = cache / "killed"
+    # SIGINT back to its default in the child: a test process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt
     proc = subprocess.Popen(_pclr(*TINY, "--output", str(out)), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the first checkpoint of the run (the single-task phase's first): the most work is left after it, so the
     # signal reaches a running process even on a loaded machine
     _wait_for(out / "single-task" / "ScienceQA" / "lora" / "ckpt" / "checkpoint.safetensors", proc)

@@ -100,8 +100,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="Cache of the aligned model (default: as --data-dir).")
     parser.add_argument("--jobs", type=int, default=None,
                         help="Worker processes that train the methods and single-task LoRAs side by side, one "
-                             "thread each (results are the same for any value). Default: 2 on a CPU with 2 or more "
-                             "cores, 1 on a GPU.")
+                             "thread each (the same steps and parameter counts for any value; accuracies equal up "
+                             "to float summation order). Default: 2 on a CPU with 2 or more cores, 1 on a GPU.")
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 

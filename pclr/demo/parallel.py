@@ -1,9 +1,11 @@
 """The units of one ``pclr run`` seed (each single-task LoRA, each method) in worker processes: ``--jobs``.
 
 Why: on a small CPU one torch process keeps only part of its cores busy (a 135M LM's matmuls are small and Python
-runs between them; on 2 cores about 1.2 of them), while single-threaded workers each keep one core busy. Results do
-not depend on it: every trainer seeds each of its phases itself, and its arithmetic does not depend on the thread
-count, so a unit gives the same numbers in a worker as in the main process (``tests/test_demo_parallel.py``).
+runs between them; on 2 cores about 1.2 of them), while single-threaded workers each keep one core busy. Every
+trainer seeds each of its phases itself, so a unit in a worker takes the same steps on the same batches as in the main
+process and reports the same parameter counts (``tests/test_demo_parallel.py``); only the thread count of its
+matmuls changes, which changes float summation order (adapter weights differ by about 1e-6) and can, rarely, flip a
+verdict.
 
 The frozen bottom of the language model is computed once, here, for every sample of every task (the prefix cache
 of :mod:`pclr.demo.models.prefix_cache`), written to one file and loaded by each worker, so no worker recomputes it.

@@ -20,8 +20,8 @@ ScienceQA  a diagram of one shape; which shape is shown (options: the   option l
            four shapes, fixed order)
 TextVQA    a word on a sign; what is written                          the word (12-word vocab)     exact
 ImageNet   a handwritten digit (sklearn digits); what is it            "zero".."nine"               exact
-GQA        two shapes; the colour of the one of a shape, the shape    colour or shape              exact
-           of the one of a colour (attribute binding)
+GQA        two shapes of one colour; the colour of a named shape, or  colour or shape              exact
+           the shape next to the named one
 VizWiz     one object, sometimes dark or blurred; what shape           shape or "unanswerable"      exact
 Grounding  one shape centred in a cell of a 3x3 grid; the cell         "top left" .. "bottom right" exact
            (region) of the named shape: a box quantised to the grid
@@ -203,7 +203,7 @@ TASKS: dict[str, TaskSpec] = {
     "ScienceQA": TaskSpec("ScienceQA", "choice", make_scienceqa, "multiple choice over a diagram (which shape)"),
     "TextVQA": TaskSpec("TextVQA", "exact", make_textvqa, "read the word on a sign"),
     "ImageNet": TaskSpec("ImageNet", "exact", make_imagenet, "classify a handwritten digit (sklearn digits)"),
-    "GQA": TaskSpec("GQA", "exact", make_gqa, "attributes of one of two shapes, named by the other attribute"),
+    "GQA": TaskSpec("GQA", "exact", make_gqa, "colour of a named shape, or the shape next to it, in a 2-shape scene"),
     "VizWiz": TaskSpec("VizWiz", "exact", make_vizwiz, "name the shape, or 'unanswerable' for dark/blurred photos"),
     "Grounding": TaskSpec("Grounding", "exact", make_grounding, "3x3-grid region of the named shape"),
     "VQAv2": TaskSpec("VQAv2", "exact", make_vqav2, "counting and colour questions"),
